@@ -1,0 +1,3 @@
+from sds.cli import main
+
+main()

@@ -1,0 +1,35 @@
+"""Typed keys for what the aiohttp Application holds (no module globals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from sds.auth import AuthFailures
+from sds.chunks import ChunkBudget
+from sds.config import Config
+from sds.metrics import Metrics
+
+if TYPE_CHECKING:
+    from sds.relay import Client
+
+
+@dataclass
+class ServerState:
+    """Per-server bookkeeping shared by the endpoints."""
+
+    metrics: Metrics
+    auth_failures: AuthFailures
+    chunk_budget: ChunkBudget
+    clients: set[Client] = field(default_factory=set)
+    shutting_down: bool = False
+
+
+CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", Metrics)
+STATE = web.AppKey("state", ServerState)
+RELAY = web.AppKey("relay", "Relay")
+STORAGE = web.AppKey("storage", "Storage | None")
+SIGNALLING = web.AppKey("signalling", "Signalling")

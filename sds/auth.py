@@ -1,0 +1,111 @@
+"""Who may connect: the token of a request, the store it names, its Origin.
+
+Every refusal is an HTTP error with a JSON body, raised before any upgrade, and
+cheap: refused SDS clients retry every 2 s forever. Failures are logged as one
+summary line per interval, never one line per attempt, and never with the token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+
+from aiohttp import hdrs, web
+
+from sds.config import Config
+from sds.metrics import Metrics
+from sds.tokens import Claims, TokenError, verify_token
+
+log = logging.getLogger(__name__)
+
+AUTH_LOG_INTERVAL = 60.0
+
+
+_ERRORS: dict[int, type[web.HTTPException]] = {
+    400: web.HTTPBadRequest,
+    401: web.HTTPUnauthorized,
+    403: web.HTTPForbidden,
+    404: web.HTTPNotFound,
+    503: web.HTTPServiceUnavailable,
+}
+
+
+def http_error(status: int, message: str) -> web.HTTPException:
+    """An HTTP error whose body is ``{"error": message}``, ready to raise."""
+    error_class = _ERRORS.get(status, web.HTTPBadRequest)
+    return error_class(text=json.dumps({"error": message}), content_type="application/json")
+
+
+def request_token(request: web.Request, *, allow_query: bool = True) -> str:
+    """The token of a request: ``Authorization: Bearer`` first, else the ``token`` query parameter."""
+    header = request.headers.get(hdrs.AUTHORIZATION, "")
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return request.query.get("token", "") if allow_query else ""
+
+
+def store_id_of(request: web.Request, max_length: int) -> str:
+    """The percent-decoded store id of the path; 400 unless 1 to ``max_length`` characters."""
+    store_id = request.match_info.get("store_id", "")
+    if not 1 <= len(store_id) <= max_length:
+        raise http_error(400, f"store id must be 1 to {max_length} characters")
+    return store_id
+
+
+def check_origin(request: web.Request, config: Config) -> None:
+    """Refuse (403) browser requests from an Origin not in --allowed-origin."""
+    origin = request.headers.get(hdrs.ORIGIN)
+    if config.allowed_origins and origin is not None and origin not in config.allowed_origins:
+        raise http_error(403, "origin not allowed")
+
+
+class AuthFailures:
+    """Counts refused tokens by reason and logs a summary at most once per interval."""
+
+    def __init__(self, metrics: Metrics, interval: float = AUTH_LOG_INTERVAL) -> None:
+        self.metrics = metrics
+        self.interval = interval
+        self._since_log: Counter[str] = Counter()
+        self._last_log = float("-inf")
+
+    def record(self, reason: str) -> None:
+        self.metrics.auth_failures[reason] += 1
+        self._since_log[reason] += 1
+        now = time.monotonic()
+        if now - self._last_log >= self.interval:
+            self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        """Log what was refused since the last summary line."""
+        self._last_log = time.monotonic() if now is None else now
+        if not self._since_log:
+            return
+        summary = ", ".join(
+            f"{reason}={count}" for reason, count in sorted(self._since_log.items())
+        )
+        log.warning("refused tokens since last report: %s", summary)
+        self._since_log.clear()
+
+
+def authenticate(
+    request: web.Request,
+    config: Config,
+    failures: AuthFailures,
+    store_id: str | None,
+    *,
+    allow_query: bool = True,
+) -> Claims:
+    """The claims of the request's token for ``store_id``; 401/403 with a JSON body otherwise."""
+    try:
+        return verify_token(
+            request_token(request, allow_query=allow_query),
+            config.jwt_secret,
+            store_id=store_id,
+            issuer=config.issuer,
+        )
+    except TokenError as exc:
+        failures.record(exc.reason)
+        raise http_error(exc.status, exc.message) from None

@@ -1,0 +1,132 @@
+"""``sds serve``: run the relay server (``--dev`` for a first try on a laptop)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sds.cli.options import SERVER_SETTINGS, ConfigFailure, config_from, setting_options
+from sds.config import Config, ConfigError, check_persist_dir, read_secret_file
+from sds.tokens import mint_token
+
+DEV_DATA_DIR = Path("sds-data")
+DEV_SECRET_FILE = "jwt-secret"
+DEV_STORE = "demo"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@click.command()
+@setting_options(*SERVER_SETTINGS)
+@click.option(
+    "--dev",
+    is_flag=True,
+    help="First try on a laptop: secret file and persistence under ./sds-data, "
+    "loopback only, demo tokens printed.",
+)
+def serve(dev: bool, **options: Any) -> None:
+    """Run the relay server until SIGTERM or Ctrl-C.
+
+    \b
+    Examples:
+      sds serve --dev
+      SDS_JWT_SECRET_FILE=/etc/sds/secret sds serve --persist-dir /var/lib/sds
+      sds serve --port 8080 --max-connections 5000 --log-format json
+    """
+    config = _dev_config(options) if dev else config_from(options)
+    if config.persist_dir is not None:
+        try:
+            check_persist_dir(config.persist_dir)
+        except ConfigError as exc:
+            raise ConfigFailure(str(exc)) from None
+
+    from sds.app import run
+    from sds.logs import setup_logging
+
+    setup_logging(config.log_format, config.log_level)
+    if dev:
+        _print_dev_banner(config)
+    _use_uvloop()
+    run(config)
+
+
+def _dev_config(options: dict[str, Any]) -> Config:
+    """--dev: ./sds-data holds the secret and the store files; loopback only."""
+    host = options.get("host") or os.environ.get("SDS_HOST") or "127.0.0.1"
+    if host not in LOOPBACK_HOSTS:
+        raise ConfigFailure(f"--dev binds loopback only, not {host}")
+    options = {**options, "host": host}
+    if not options.get("persist_dir") and not (
+        os.environ.get("SDS_PERSIST_DIR") or os.environ.get("SDS_PERSISTENCE_DIR")
+    ):
+        options["persist_dir"] = str(DEV_DATA_DIR)
+    explicit = options.get("jwt_secret_file") or os.environ.get("SDS_JWT_SECRET_FILE")
+    secret = None
+    if not explicit and not os.environ.get("SDS_JWT_SECRET"):
+        secret = _dev_secret(DEV_DATA_DIR / DEV_SECRET_FILE)
+    return config_from(options, secret=secret)
+
+
+def _dev_secret(path: Path) -> str:
+    """The dev secret: created once (mode 0600), reused on every later start."""
+    if path.exists():
+        try:
+            return read_secret_file(path)
+        except ConfigError as exc:
+            raise ConfigFailure(str(exc)) from None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise ConfigFailure(f"cannot create the dev secret file {path}: {exc.strerror}") from None
+    value = secrets.token_urlsafe(48)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value + "\n")
+    return value
+
+
+def _print_dev_banner(config: Config) -> None:
+    admin = mint_token(
+        config.jwt_secret,
+        store_id=DEV_STORE,
+        scope="admin",
+        sub="dev-admin",
+        expires_in=7 * 86400,
+        issuer=config.issuer,
+    )
+    write = mint_token(
+        config.jwt_secret,
+        store_id=DEV_STORE,
+        scope="write",
+        sub="dev-writer",
+        expires_in=7 * 86400,
+        issuer=config.issuer,
+    )
+    host = "127.0.0.1" if config.host in ("localhost", "127.0.0.1") else f"[{config.host}]"
+    base = f"ws://{host}:{config.port}"
+    click.echo(
+        "\n".join(
+            [
+                f"sds dev server on http://{host}:{config.port} (loopback only)",
+                f"  store files:  {config.persist_dir}/  (persistence on)",
+                f"  secret file:  {DEV_DATA_DIR / DEV_SECRET_FILE}  (reused on restart)",
+                f"  demo store:   {DEV_STORE}",
+                f"  admin token:  {admin}",
+                f"  write token:  {write}",
+                f"  connect to:   {base}/ws/{DEV_STORE}?token={write}",
+                "",
+            ]
+        )
+    )
+
+
+def _use_uvloop() -> None:
+    """uvloop when installed (``pip install sds-relay[fast]``): a faster event loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    uvloop.install()

@@ -1,0 +1,109 @@
+"""Server counters. Plain integers on the hot path; rendered for Prometheus on scrape."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class Metrics:
+    """What the server counts. No store ids or subjects: labels are reasons only."""
+
+    connections_opened: int = 0
+    connections_open: int = 0
+    signal_connections_open: int = 0
+    frames_received: int = 0
+    bytes_received: int = 0
+    frames_relayed: int = 0
+    bytes_relayed: int = 0
+    frames_sent: int = 0
+    slow_consumers_closed: int = 0
+    frames_dropped: Counter[str] = field(default_factory=Counter)
+    auth_failures: Counter[str] = field(default_factory=Counter)
+    connections_refused: Counter[str] = field(default_factory=Counter)
+    commits: int = 0
+    commit_seconds_total: float = 0.0
+    commit_seconds_max: float = 0.0
+    commit_failures: int = 0
+    commit_queue_depth: int = 0
+    stores_open: int = 0
+    store_files_open: int = 0
+
+
+def render_prometheus(metrics: Metrics) -> str:
+    """The counters in Prometheus text format (prometheus_client writes the format)."""
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        Metric,
+    )
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.registry import Collector, CollectorRegistry
+
+    def counter(name: str, doc: str, value: float) -> Metric:
+        return CounterMetricFamily(name, doc, value=value)
+
+    def gauge(name: str, doc: str, value: float) -> Metric:
+        return GaugeMetricFamily(name, doc, value=value)
+
+    def by_reason(name: str, doc: str, counts: Counter[str]) -> Metric:
+        family = CounterMetricFamily(name, doc, labels=["reason"])
+        for reason, count in sorted(counts.items()):
+            family.add_metric([reason], count)
+        return family
+
+    class _Snapshot(Collector):
+        def collect(self) -> list[Metric]:  # type: ignore[override]
+            m = metrics
+            return [
+                gauge("sds_connections", "Open /ws connections.", m.connections_open),
+                gauge(
+                    "sds_signal_connections", "Open /signal connections.", m.signal_connections_open
+                ),
+                counter(
+                    "sds_connections_opened", "Accepted /ws connections.", m.connections_opened
+                ),
+                gauge("sds_stores", "Stores with connected clients.", m.stores_open),
+                gauge("sds_store_files_open", "Open SQLite store files.", m.store_files_open),
+                counter("sds_frames_received", "Frames received from clients.", m.frames_received),
+                counter("sds_bytes_received", "Bytes received from clients.", m.bytes_received),
+                counter("sds_frames_relayed", "Frames relayed to a store.", m.frames_relayed),
+                counter(
+                    "sds_bytes_relayed", "Payload bytes delivered by relaying.", m.bytes_relayed
+                ),
+                counter("sds_frames_sent", "Frames written to client sockets.", m.frames_sent),
+                counter(
+                    "sds_slow_consumers_closed",
+                    "Clients closed with 1013 for not keeping up.",
+                    m.slow_consumers_closed,
+                ),
+                by_reason("sds_frames_dropped", "Frames not relayed, by reason.", m.frames_dropped),
+                by_reason("sds_auth_failures", "Refused tokens, by reason.", m.auth_failures),
+                by_reason(
+                    "sds_connections_refused",
+                    "Connections refused with 503, by reason.",
+                    m.connections_refused,
+                ),
+                counter("sds_storage_commits", "Storage transactions committed.", m.commits),
+                counter(
+                    "sds_storage_commit_seconds",
+                    "Time spent in storage commits.",
+                    m.commit_seconds_total,
+                ),
+                gauge(
+                    "sds_storage_commit_seconds_max",
+                    "Longest storage commit so far.",
+                    m.commit_seconds_max,
+                ),
+                counter("sds_storage_failures", "Failed storage commits.", m.commit_failures),
+                gauge(
+                    "sds_storage_queue_depth",
+                    "Writes waiting for their commit.",
+                    m.commit_queue_depth,
+                ),
+            ]
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot())
+    return generate_latest(registry).decode()

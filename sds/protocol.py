@@ -1,0 +1,130 @@
+"""The SDS wire protocol: frame types, scope rules and header parsing. Pure, no I/O.
+
+A frame is one binary WebSocket message: byte 0 is the type, the rest the payload.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+KEY_BYTES = 32
+CHUNK_HEADER_BYTES = KEY_BYTES + 8
+CHUNK_BYTES = 1024 * 1024
+MAX_VALUE_FRAME_BYTES = CHUNK_BYTES
+"""A VALUE frame carries at most 1 MiB of value; larger values travel as VALUE_CHUNK frames."""
+
+SCOPES = ("read", "write", "admin")
+
+
+class FrameType(IntEnum):
+    PATCH = 0x01
+    VALUE = 0x02
+    REQ_VALUE = 0x03
+    PRESENCE = 0x04
+    VALUE_CHUNK = 0x05
+    SYNC_REQ = 0x06
+
+
+FRAME_NAMES = {member.value: member.name for member in FrameType}
+WRITE_FRAME_TYPES = frozenset({FrameType.PATCH, FrameType.VALUE, FrameType.VALUE_CHUNK})
+
+
+def frame_name(msg_type: int) -> str:
+    """A readable name for a frame type byte, e.g. PATCH or 0x7f."""
+    return FRAME_NAMES.get(msg_type, f"0x{msg_type:02x}")
+
+
+def reject_write_frame(msg_type: int) -> bool:
+    """True for the frame types a read-scope client may not send (they are dropped)."""
+    return msg_type in WRITE_FRAME_TYPES
+
+
+def scope_can_write(scope: str) -> bool:
+    """Write and admin scopes may send every frame type; read scope may not write."""
+    return scope in ("write", "admin")
+
+
+def value_key_hex(frame: bytes) -> str | None:
+    """The lowercase hex of the 32 key bytes of a VALUE / REQ_VALUE / VALUE_CHUNK frame."""
+    if len(frame) < 1 + KEY_BYTES:
+        return None
+    return frame[1 : 1 + KEY_BYTES].hex()
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkHeader:
+    """The header of a VALUE_CHUNK frame: which part of which value it carries."""
+
+    key: str
+    index: int
+    count: int
+
+
+_CHUNK_NUMBERS = struct.Struct(">II")
+
+
+def parse_chunk(frame: bytes) -> tuple[ChunkHeader, memoryview] | None:
+    """Split a VALUE_CHUNK frame into its header and chunk bytes; None when malformed.
+
+    Malformed means: too short, a count of 0, an index not below the count, or a
+    chunk larger than 1 MiB. Such frames are still relayed, never stored.
+    """
+    if len(frame) < 1 + CHUNK_HEADER_BYTES or frame[0] != FrameType.VALUE_CHUNK:
+        return None
+    index, count = _CHUNK_NUMBERS.unpack_from(frame, 1 + KEY_BYTES)
+    body = memoryview(frame)[1 + CHUNK_HEADER_BYTES :]
+    if count == 0 or index >= count or len(body) > CHUNK_BYTES:
+        return None
+    return ChunkHeader(frame[1 : 1 + KEY_BYTES].hex(), index, count), body
+
+
+def value_frame(key_hex: str, value: bytes) -> bytes:
+    """A VALUE frame carrying a whole value (<= 1 MiB)."""
+    return bytes([FrameType.VALUE]) + bytes.fromhex(key_hex) + value
+
+
+def value_chunk_frames(key_hex: str, value: bytes) -> list[bytes]:
+    """The VALUE_CHUNK frames (1 MiB each) that carry a value larger than 1 MiB."""
+    key = bytes.fromhex(key_hex)
+    count = max(1, -(-len(value) // CHUNK_BYTES))
+    return [
+        bytes([FrameType.VALUE_CHUNK])
+        + key
+        + _CHUNK_NUMBERS.pack(index, count)
+        + value[index * CHUNK_BYTES : (index + 1) * CHUNK_BYTES]
+        for index in range(count)
+    ]
+
+
+def value_answer_frames(key_hex: str, value: bytes) -> list[bytes]:
+    """How a stored value is sent to a client: one VALUE, or VALUE_CHUNK frames above 1 MiB."""
+    if len(value) <= MAX_VALUE_FRAME_BYTES:
+        return [value_frame(key_hex, value)]
+    return value_chunk_frames(key_hex, value)
+
+
+_LEN1 = struct.Struct("!BB")
+_LEN2 = struct.Struct("!BBH")
+_LEN3 = struct.Struct("!BBQ")
+_BINARY_FIN = 0x82
+_TEXT_FIN = 0x81
+
+
+def encode_server_frame(payload: bytes, *, text: bool = False) -> bytes:
+    """The bytes of one unmasked WebSocket message (binary, or text) from the server.
+
+    aiohttp offers no public way to encode a frame once and write it to many
+    transports; a broadcast to N clients would otherwise build N identical frames.
+    Server frames are never masked (RFC 6455 5.1), so the header is all there is.
+    """
+    length = len(payload)
+    first = _TEXT_FIN if text else _BINARY_FIN
+    if length < 126:
+        header = _LEN1.pack(first, length)
+    elif length < 65536:
+        header = _LEN2.pack(first, 126, length)
+    else:
+        header = _LEN3.pack(first, 127, length)
+    return header + payload

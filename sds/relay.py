@@ -1,0 +1,499 @@
+"""Stores, clients and fan-out: every accepted frame goes to every other client of its store.
+
+Three rules shape this module:
+
+* A broadcast never waits for a slow peer. Each client has a bounded outgoing
+  buffer; frames are encoded once per broadcast and appended to every
+  receiver's buffer, and all buffers are written out once per event-loop
+  iteration. A client whose buffer passes the bound is closed with 1013.
+* Persist, then relay. With storage on, frames of a store pass one ordered
+  queue: a frame is relayed when every write ahead of it (and its own) has
+  committed, so no peer ever sees a frame that is not on disk, and the order
+  of frames is the order the server received them.
+* Catch-up without a seam. A joining client is added to the store at once but
+  holds live frames back while the stored history up to the last relayed
+  clock is replayed to it; then the held frames follow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from aiohttp import web
+
+from sds.metrics import Metrics
+from sds.protocol import encode_server_frame
+
+if TYPE_CHECKING:
+    from sds.storage import Storage, StoreLog
+
+log = logging.getLogger(__name__)
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_TOKEN_EXPIRED = 4001
+
+
+class Peer(Protocol):
+    """Anything a LiveStore can relay to: our Client, or a test double with ``send``."""
+
+    def send(self, data: bytes) -> None: ...
+
+
+class Flusher:
+    """Writes every client's queued frames once per event-loop iteration (one syscall each)."""
+
+    __slots__ = ("_dirty", "_loop", "_scheduled")
+
+    def __init__(self) -> None:
+        self._dirty: list[Client] = []
+        self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def mark(self, client: Client) -> None:
+        self._dirty.append(client)
+        if not self._scheduled:
+            self._scheduled = True
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for client in dirty:
+            client.flush()
+
+
+class Client:
+    """One /ws connection: who it is, and its bounded outgoing buffer."""
+
+    __slots__ = (
+        "_flusher",
+        "_held",
+        "_held_bytes",
+        "_out",
+        "_out_bytes",
+        "can_write",
+        "chunks",
+        "close_code",
+        "closing",
+        "expiry",
+        "limit",
+        "metrics",
+        "opened_at",
+        "scope",
+        "store_id",
+        "sub",
+        "transport",
+        "ws",
+    )
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        *,
+        store_id: str,
+        sub: str,
+        scope: str,
+        can_write: bool,
+        limit: int,
+        flusher: Flusher,
+        metrics: Metrics,
+    ) -> None:
+        self.ws = ws
+        self.transport: asyncio.Transport | None = None
+        self.store_id = store_id
+        self.sub = sub
+        self.scope = scope
+        self.can_write = can_write
+        self.limit = limit
+        self.metrics = metrics
+        self.opened_at = time.monotonic()
+        self.closing = False
+        self.close_code: int | None = None
+        self.expiry: asyncio.TimerHandle | None = None
+        self.chunks: Any = None
+        self._flusher = flusher
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._held: list[bytes] | None = None
+        self._held_bytes = 0
+
+    def attach(self, transport: asyncio.Transport | None) -> None:
+        """Bind the client to its socket once the upgrade is done."""
+        self.transport = transport
+
+    def send(self, data: bytes) -> None:
+        """Queue one frame (payload bytes) for this client."""
+        self.deliver(encode_server_frame(data))
+
+    def deliver(self, frame: bytes) -> None:
+        """Queue one already encoded WebSocket message; close with 1013 past the bound."""
+        if self.closing:
+            return
+        if self._held is not None:
+            self._held.append(frame)
+            self._held_bytes += len(frame)
+            if self._held_bytes > self.limit:
+                self.close_slow()
+            return
+        backlog = self._out_bytes
+        if backlog and backlog + len(frame) > self.limit:
+            self.close_slow()
+            return
+        self._out.append(frame)
+        self._out_bytes = backlog + len(frame)
+        if backlog == 0:
+            self._flusher.mark(self)
+
+    def flush(self) -> None:
+        """Hand the queued frames to the socket; a socket that is not draining closes us."""
+        out = self._out
+        if not out or self.closing:
+            return
+        self._out = []
+        self._out_bytes = 0
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.writelines(out)
+        self.metrics.frames_sent += len(out)
+        if transport.get_write_buffer_size() > self.limit:
+            self.close_slow()
+
+    def hold(self) -> None:
+        """Keep live frames back (while the stored history is replayed first)."""
+        self._held = []
+        self._held_bytes = 0
+
+    def release(self) -> None:
+        """Send the frames held back during catch-up, then go live."""
+        held, self._held = self._held, None
+        self._held_bytes = 0
+        for frame in held or ():
+            self.deliver(frame)
+
+    async def send_history(self, frames: list[bytes]) -> None:
+        """Send stored frames ahead of anything held back, pacing on the socket, not memory."""
+        transport = self.transport
+        for data in frames:
+            if self.closing or transport is None or transport.is_closing():
+                return
+            transport.write(encode_server_frame(data))
+            self.metrics.frames_sent += 1
+            if transport.get_write_buffer_size() > self.limit // 2:
+                await self._drained(transport)
+
+    async def _drained(self, transport: asyncio.Transport) -> None:
+        """Wait until the socket took most of what was written; a stuck reader is closed."""
+        deadline = time.monotonic() + HISTORY_STALL_SECONDS
+        while transport.get_write_buffer_size() > self.limit // 4:
+            if self.closing or transport.is_closing():
+                return
+            if time.monotonic() > deadline:
+                self.close_slow()
+                return
+            await asyncio.sleep(0.005)
+
+    def write_buffer_size(self) -> int:
+        """Bytes queued here or in the socket and not yet sent."""
+        transport = self.transport
+        socket_bytes = transport.get_write_buffer_size() if transport is not None else 0
+        return self._out_bytes + socket_bytes
+
+    def close_slow(self) -> None:
+        """A client that cannot keep up is closed with 1013 instead of growing memory."""
+        if not self.closing:
+            self.metrics.slow_consumers_closed += 1
+            log.warning("store %s: closing slow consumer (sub %s)", self.store_id, self.sub)
+            self.close(CLOSE_TRY_AGAIN_LATER, "outgoing buffer full")
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Stop sending to this client and close it with ``code`` (frames already queued go first)."""
+        if self.closing:
+            return
+        self.closing = True
+        self.close_code = code
+        self._held = None
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(self._out)
+        self._out = []
+        self._out_bytes = 0
+        task = asyncio.ensure_future(self.ws.close(code=code, message=reason.encode()))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Future[Any]] = set()
+
+
+class _Pending:
+    """One frame waiting in a store's ordered queue for its write (or earlier writes) to commit."""
+
+    __slots__ = ("clock", "data", "done", "failed", "sender")
+
+    def __init__(self, data: bytes, sender: Any, clock: int | None) -> None:
+        self.data = data
+        self.sender = sender
+        self.clock = clock
+        self.done = True
+        self.failed = False
+
+
+class LiveStore:
+    """The clients of one store and the ordered relay of their frames.
+
+    On its own (no storage) this is the helper the Node package exported:
+    ``add_client``, ``remove_client``, ``is_empty`` and ``broadcast(data, sender)``,
+    where a client is anything with ``send(data: bytes)``.
+    """
+
+    def __init__(self, store_id: str = "", *, metrics: Metrics | None = None) -> None:
+        self.store_id = store_id
+        self.metrics = metrics or Metrics()
+        self.log: StoreLog | None = None
+        self.relayed_clock = 0
+        self.idle_handle: asyncio.TimerHandle | None = None
+        self._clients: dict[Any, Callable[[bytes], None] | None] = {}
+        self._queue: deque[_Pending] = deque()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._drained_callbacks: list[Callable[[], None]] = []
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    @property
+    def clients(self) -> Iterable[Any]:
+        return self._clients.keys()
+
+    def add_client(self, client: Peer) -> None:
+        """Start relaying this store's frames to ``client``."""
+        self._clients[client] = getattr(client, "deliver", None)
+
+    def remove_client(self, client: Peer) -> None:
+        """Stop relaying to ``client`` (unknown clients are ignored)."""
+        self._clients.pop(client, None)
+
+    def is_empty(self) -> bool:
+        """True when no client is connected."""
+        return not self._clients
+
+    def broadcast(self, data: bytes, sender: Any = None) -> None:
+        """Relay ``data`` to every client but ``sender``, encoding it only once."""
+        frame: bytes | None = None
+        receivers = 0
+        for client, deliver in self._clients.items():
+            if client is sender:
+                continue
+            receivers += 1
+            if deliver is None:
+                client.send(data)
+                continue
+            if frame is None:
+                frame = encode_server_frame(data)
+            deliver(frame)
+        self.metrics.frames_relayed += 1
+        self.metrics.bytes_relayed += len(data) * receivers
+
+    def relay(self, data: bytes, sender: Any) -> None:
+        """Relay a frame that stores nothing, behind any writes still committing."""
+        if self._queue:
+            self._queue.append(_Pending(data, sender, None))
+        else:
+            self.broadcast(data, sender)
+
+    def relay_after_commit(
+        self, data: bytes, sender: Any, commit: asyncio.Future[int | None]
+    ) -> None:
+        """Relay ``data`` once its write, and every write queued before it, has committed.
+
+        A write that fails is never relayed and its sender is closed with 1011.
+        """
+        pending = _Pending(data, sender, None)
+        pending.done = False
+        self._queue.append(pending)
+        if len(self._queue) >= QUEUE_HIGH_WATER:
+            self._room.clear()
+        commit.add_done_callback(lambda fut: self._committed(pending, fut))
+
+    def _committed(self, pending: _Pending, commit: asyncio.Future[int | None]) -> None:
+        pending.done = True
+        if commit.cancelled() or commit.exception() is not None:
+            pending.failed = True
+            close = getattr(pending.sender, "close", None)
+            if close is not None:
+                close(CLOSE_INTERNAL_ERROR, "storage failure")
+        else:
+            pending.clock = commit.result()
+        queue = self._queue
+        while queue and queue[0].done:
+            head = queue.popleft()
+            if head.failed:
+                continue
+            if head.clock is not None:
+                self.relayed_clock = head.clock
+            self.broadcast(head.data, head.sender)
+        if len(queue) < QUEUE_HIGH_WATER:
+            self._room.set()
+        if not queue and self._drained_callbacks:
+            callbacks, self._drained_callbacks = self._drained_callbacks, []
+            for callback in callbacks:
+                callback()
+
+    def has_pending(self) -> bool:
+        """True while frames wait for their commit."""
+        return bool(self._queue)
+
+    def on_drained(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once no frame waits for its commit any more."""
+        self._drained_callbacks.append(callback)
+
+    async def wait_for_room(self) -> None:
+        """Backpressure for writers: wait while too many frames wait for their commit."""
+        await self._room.wait()
+
+    def has_room(self) -> bool:
+        return self._room.is_set()
+
+
+HISTORY_STALL_SECONDS = 30.0
+"""How long catch-up waits for a joiner's socket to take more bytes before giving up."""
+QUEUE_HIGH_WATER = 4096
+"""Frames a store may have waiting for commit before its writers stop being read."""
+
+
+class Refused(Exception):
+    """A connection cannot be admitted now (HTTP 503 before the upgrade)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Relay:
+    """All live stores of the server, their limits, and how clients join and leave."""
+
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        max_connections_per_store: int,
+        storage: Storage | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.max_connections = max_connections
+        self.max_connections_per_store = max_connections_per_store
+        self.storage = storage
+        self.metrics = metrics or Metrics()
+        self.flusher = Flusher()
+        self.stores: dict[str, LiveStore] = {}
+        self.connections = 0
+        self._opening: dict[str, asyncio.Future[LiveStore]] = {}
+        self._users: dict[str, int] = {}
+
+    def admit(self, store_id: str) -> None:
+        """Raise Refused when one more connection to ``store_id`` would pass a limit."""
+        if self.connections >= self.max_connections:
+            raise Refused("server is at its connection limit", "max_connections")
+        if self._users.get(store_id, 0) >= self.max_connections_per_store:
+            raise Refused("store is at its connection limit", "max_connections_per_store")
+
+    async def open_store(self, store_id: str) -> LiveStore:
+        """The live store of ``store_id`` with one more user counted (opens its file if needed)."""
+        self.admit(store_id)
+        self.connections += 1
+        self._users[store_id] = self._users.get(store_id, 0) + 1
+        try:
+            store = self.stores.get(store_id)
+            if store is None:
+                store = await self._create_store(store_id)
+        except BaseException:
+            self._forget_user(store_id)
+            raise
+        if store.idle_handle is not None:
+            store.idle_handle.cancel()
+            store.idle_handle = None
+        return store
+
+    async def _create_store(self, store_id: str) -> LiveStore:
+        opening = self._opening.get(store_id)
+        if opening is not None:
+            return await asyncio.shield(opening)
+        opening = asyncio.get_running_loop().create_future()
+        self._opening[store_id] = opening
+        try:
+            store = LiveStore(store_id, metrics=self.metrics)
+            if self.storage is not None:
+                from sds.storage import StorageError
+
+                try:
+                    store.log = await self.storage.acquire(store_id)
+                    store.relayed_clock = await store.log.last_clock()
+                except StorageError as exc:
+                    if store.log is not None:
+                        self.storage.release(store.log)
+                    raise Refused(str(exc), "storage") from None
+            self.stores[store_id] = store
+            self.metrics.stores_open = len(self.stores)
+            opening.set_result(store)
+            return store
+        except BaseException as exc:
+            opening.set_exception(exc)
+            opening.exception()
+            raise
+        finally:
+            self._opening.pop(store_id, None)
+
+    async def join(self, store: LiveStore, client: Client) -> None:
+        """Add a client; with storage, replay the history up to the last relayed clock first."""
+        if store.log is None:
+            store.add_client(client)
+            return
+        client.hold()
+        upto = store.relayed_clock
+        store.add_client(client)
+        try:
+            async for page in store.log.history(upto):
+                await client.send_history(page)
+        finally:
+            client.release()
+
+    def leave(self, store: LiveStore, client: Client | None) -> None:
+        """Forget a client; a store nobody uses any more is dropped (its file closes later)."""
+        if client is not None:
+            store.remove_client(client)
+        self._forget_user(store.store_id)
+        if self._users.get(store.store_id, 0) == 0 and store.is_empty():
+            self._drop_store(store)
+
+    def _forget_user(self, store_id: str) -> None:
+        self.connections -= 1
+        left = self._users.get(store_id, 0) - 1
+        if left > 0:
+            self._users[store_id] = left
+        else:
+            self._users.pop(store_id, None)
+
+    def _drop_store(self, store: LiveStore) -> None:
+        if store.has_pending():
+            store.on_drained(lambda: self._drop_if_unused(store))
+            return
+        self._drop_if_unused(store)
+
+    def _drop_if_unused(self, store: LiveStore) -> None:
+        if self._users.get(store.store_id, 0) or not store.is_empty():
+            return
+        if self.stores.get(store.store_id) is store:
+            del self.stores[store.store_id]
+            self.metrics.stores_open = len(self.stores)
+        if store.log is not None and self.storage is not None:
+            self.storage.release(store.log)
+            store.log = None

@@ -1,0 +1,153 @@
+"""``GET /signal/{store_id}``: WebRTC signalling rooms (hello, offer, answer, candidate).
+
+Text frames carry JSON objects. Without ``to`` a message goes to every other
+peer of the room; with ``to`` only to the peer that announced that id with its
+``from``. A connection's id is fixed by its first ``from`` and cannot be taken
+while another open connection of the room holds it. Nothing is persisted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import WSMsgType, web
+
+from sds.appkeys import CONFIG, RELAY, SIGNALLING, STATE
+from sds.auth import authenticate, check_origin, http_error, store_id_of
+from sds.protocol import encode_server_frame
+from sds.relay import Client
+
+log = logging.getLogger(__name__)
+
+
+class Peer:
+    """One signalling connection and the id it claimed."""
+
+    __slots__ = ("client", "peer_id")
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.peer_id: str | None = None
+
+
+class Room:
+    """The signalling peers of one store."""
+
+    def __init__(self) -> None:
+        self.peers: list[Peer] = []
+        self.by_id: dict[str, Peer] = {}
+
+    def route(self, sender: Peer, text: str) -> None:
+        """Deliver one text message from ``sender`` by the rules of the module docstring."""
+        try:
+            message = json.loads(text)
+        except ValueError:
+            return
+        if not isinstance(message, dict):
+            return
+        claimed = message.get("from")
+        if not isinstance(claimed, str) or not claimed:
+            return
+        if sender.peer_id is None:
+            if claimed in self.by_id:
+                return
+            sender.peer_id = claimed
+            self.by_id[claimed] = sender
+        elif claimed != sender.peer_id:
+            return
+        frame = encode_server_frame(text.encode(), text=True)
+        target = message.get("to")
+        if target is None:
+            for peer in self.peers:
+                if peer is not sender:
+                    peer.client.deliver(frame)
+            return
+        receiver = self.by_id.get(target) if isinstance(target, str) else None
+        if receiver is not None and receiver is not sender:
+            receiver.client.deliver(frame)
+
+    def leave(self, peer: Peer) -> None:
+        self.peers.remove(peer)
+        if peer.peer_id is not None and self.by_id.get(peer.peer_id) is peer:
+            del self.by_id[peer.peer_id]
+
+
+class Signalling:
+    """All signalling rooms, separate from the /ws stores."""
+
+    def __init__(self, *, max_peers_per_room: int) -> None:
+        self.max_peers_per_room = max_peers_per_room
+        self.rooms: dict[str, Room] = {}
+
+    def join(self, store_id: str, peer: Peer) -> Room:
+        room = self.rooms.setdefault(store_id, Room())
+        room.peers.append(peer)
+        return room
+
+    def leave(self, store_id: str, peer: Peer) -> None:
+        room = self.rooms.get(store_id)
+        if room is None:
+            return
+        room.leave(peer)
+        if not room.peers:
+            del self.rooms[store_id]
+
+    def is_full(self, store_id: str) -> bool:
+        room = self.rooms.get(store_id)
+        return room is not None and len(room.peers) >= self.max_peers_per_room
+
+    async def close_all(self, code: int) -> None:
+        for room in list(self.rooms.values()):
+            for peer in list(room.peers):
+                peer.client.close(code, "server shutting down")
+
+
+async def signal_handler(request: web.Request) -> web.StreamResponse:
+    """Admit, upgrade and serve one signalling peer until it leaves."""
+    config = request.app[CONFIG]
+    state = request.app[STATE]
+    signalling = request.app[SIGNALLING]
+    relay = request.app[RELAY]
+    store_id = store_id_of(request, config.max_store_id_length)
+    check_origin(request, config)
+    claims = authenticate(request, config, state.auth_failures, store_id)
+    if state.shutting_down:
+        raise http_error(503, "server is shutting down")
+    if signalling.is_full(store_id) or relay.connections >= config.max_connections:
+        relay.metrics.connections_refused["signal_limit"] += 1
+        raise http_error(503, "signalling room is at its connection limit")
+
+    ws = web.WebSocketResponse(
+        max_msg_size=config.max_frame_bytes,
+        heartbeat=config.heartbeat,
+        compress=config.permessage_deflate,
+    )
+    await ws.prepare(request)
+    client = Client(
+        ws,
+        store_id=store_id,
+        sub=claims.sub,
+        scope=claims.scope,
+        can_write=False,
+        limit=config.max_client_buffer_bytes,
+        flusher=relay.flusher,
+        metrics=relay.metrics,
+    )
+    client.attach(request.transport)
+    peer = Peer(client)
+    room = signalling.join(store_id, peer)
+    relay.metrics.signal_connections_open += 1
+    try:
+        while True:
+            msg = await ws.receive()
+            if msg.type is WSMsgType.TEXT:
+                room.route(peer, msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                relay.metrics.frames_dropped["signal_binary"] += 1
+            else:
+                break
+    finally:
+        signalling.leave(store_id, peer)
+        relay.metrics.signal_connections_open -= 1
+    return ws

@@ -1,0 +1,197 @@
+"""``GET /ws/{store_id}``: authenticate, upgrade, then read frames and relay them.
+
+The path of one frame, top-down in ``handle_frame``: check the scope, store it
+if it is a write (persistence on), relay it to the other clients of the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiohttp import WSMsgType, web
+
+from sds.appkeys import CONFIG, RELAY, STATE, ServerState
+from sds.auth import authenticate, check_origin, http_error, store_id_of
+from sds.chunks import ChunkAssembler
+from sds.protocol import (
+    KEY_BYTES,
+    FrameType,
+    parse_chunk,
+    reject_write_frame,
+    scope_can_write,
+    value_answer_frames,
+)
+from sds.relay import CLOSE_TOKEN_EXPIRED, Client, LiveStore, Refused
+
+log = logging.getLogger(__name__)
+
+
+async def ws_handler(request: web.Request) -> web.StreamResponse:
+    """Admit, upgrade and serve one client of a store until it leaves."""
+    config = request.app[CONFIG]
+    relay = request.app[RELAY]
+    state = request.app[STATE]
+    store_id = store_id_of(request, config.max_store_id_length)
+    check_origin(request, config)
+    claims = authenticate(request, config, state.auth_failures, store_id)
+    if state.shutting_down:
+        raise http_error(503, "server is shutting down")
+    try:
+        store = await relay.open_store(store_id)
+    except Refused as exc:
+        relay.metrics.connections_refused[exc.reason] += 1
+        raise http_error(503, str(exc)) from None
+
+    client: Client | None = None
+    try:
+        ws = web.WebSocketResponse(
+            max_msg_size=config.max_frame_bytes,
+            heartbeat=config.heartbeat,
+            compress=config.permessage_deflate,
+            autoping=True,
+        )
+        await ws.prepare(request)
+        client = Client(
+            ws,
+            store_id=store_id,
+            sub=claims.sub,
+            scope=claims.scope,
+            can_write=scope_can_write(claims.scope),
+            limit=config.max_client_buffer_bytes,
+            flusher=relay.flusher,
+            metrics=relay.metrics,
+        )
+        client.attach(request.transport)
+        if store.log is not None:
+            client.chunks = ChunkAssembler(
+                state.chunk_budget,
+                limit=config.max_chunk_bytes_per_client,
+                timeout=config.chunk_timeout,
+            )
+        if claims.exp is not None:
+            client.expiry = _close_at_expiry(client, claims.exp)
+        relay.metrics.connections_opened += 1
+        relay.metrics.connections_open += 1
+        state.clients.add(client)
+        log.info("open store=%s scope=%s sub=%s", store_id, claims.scope, claims.sub)
+        await relay.join(store, client)
+        await _read_frames(ws, store, client)
+        return ws
+    finally:
+        relay.leave(store, client)
+        if client is not None:
+            _forget(client, state)
+
+
+def _forget(client: Client, state: ServerState) -> None:
+    state.clients.discard(client)
+    client.metrics.connections_open -= 1
+    if client.expiry is not None:
+        client.expiry.cancel()
+    if client.chunks is not None:
+        client.chunks.clear()
+    code = client.close_code if client.close_code is not None else client.ws.close_code
+    log.info(
+        "close store=%s scope=%s sub=%s code=%s duration=%.1fs",
+        client.store_id,
+        client.scope,
+        client.sub,
+        code,
+        time.monotonic() - client.opened_at,
+    )
+
+
+def _close_at_expiry(client: Client, exp: float) -> asyncio.TimerHandle:
+    loop = asyncio.get_running_loop()
+    delay = max(0.0, exp - time.time())
+    return loop.call_later(delay, client.close, CLOSE_TOKEN_EXPIRED, "token expired")
+
+
+async def _read_frames(ws: web.WebSocketResponse, store: LiveStore, client: Client) -> None:
+    metrics = client.metrics
+    while True:
+        msg = await ws.receive()
+        if msg.type is WSMsgType.BINARY:
+            data: bytes = msg.data
+            if not data:
+                metrics.frames_dropped["empty"] += 1
+                continue
+            metrics.frames_received += 1
+            metrics.bytes_received += len(data)
+            if client.closing:
+                continue
+            handle_frame(store, client, data)
+            if not store.has_room():
+                await store.wait_for_room()
+        elif msg.type is WSMsgType.TEXT:
+            metrics.frames_dropped["text"] += 1
+        elif msg.type is WSMsgType.ERROR:
+            metrics.frames_dropped["protocol_error"] += 1
+            return
+        else:
+            return
+
+
+def handle_frame(store: LiveStore, client: Client, data: bytes) -> None:
+    """Check scope, store if it is a write, relay to the other clients of the store."""
+    msg_type = data[0]
+    if not client.can_write and reject_write_frame(msg_type):
+        client.metrics.frames_dropped["read_scope"] += 1
+        return
+    log_ = store.log
+    if log_ is None:
+        store.relay(data, client)
+        return
+    if msg_type == FrameType.PATCH:
+        store.relay_after_commit(data, client, log_.append_patch(data[1:]))
+    elif msg_type == FrameType.VALUE and len(data) > 1 + KEY_BYTES:
+        key = data[1 : 1 + KEY_BYTES].hex()
+        store.relay_after_commit(data, client, log_.put_value(key, data[1 + KEY_BYTES :], data[1:]))
+    elif msg_type == FrameType.VALUE_CHUNK:
+        value = _chunk_value(client, data)
+        if value is None:
+            store.relay(data, client)
+        else:
+            store.relay_after_commit(data, client, log_.put_blob(value[0], value[1]))
+    else:
+        store.relay(data, client)
+        if msg_type == FrameType.REQ_VALUE and len(data) >= 1 + KEY_BYTES:
+            _spawn(_answer_value_request(store, client, data[1 : 1 + KEY_BYTES].hex()))
+
+
+def _chunk_value(client: Client, data: bytes) -> tuple[str, bytes] | None:
+    """The (key, value) a VALUE_CHUNK completes, or None (incomplete or malformed)."""
+    parsed = parse_chunk(data)
+    if parsed is None:
+        client.metrics.frames_dropped["malformed_chunk_not_stored"] += 1
+        return None
+    header, body = parsed
+    value = client.chunks.add(header, body)
+    return None if value is None else (header.key, value)
+
+
+async def _answer_value_request(store: LiveStore, client: Client, key: str) -> None:
+    """Answer a REQ_VALUE for a stored key to the requester alone."""
+    log_ = store.log
+    if log_ is None:
+        return
+    try:
+        value = await log_.read_blob(key)
+    except Exception as exc:  # a failed read must not take the connection down
+        log.warning("store %s: reading value %s failed: %s", store.store_id, key[:12], exc)
+        return
+    if value is None:
+        return
+    for frame in value_answer_frames(key, value):
+        client.send(frame)
+
+
+_tasks: set[asyncio.Task[None]] = set()
+
+
+def _spawn(coro: object) -> None:
+    task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)

@@ -1,0 +1,110 @@
+"""Shared fixtures: a real server on a free loopback port, real SQLite files in tmp dirs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from sds.app import create_app
+from sds.client import StoreClient
+from sds.config import Config
+from sds.tokens import mint_token
+
+SECRET = "test-secret-0123456789abcdef0123456789abcdef"
+
+
+class RunningServer:
+    """A server under test: its URLs, its config, and helpers to mint tokens and connect."""
+
+    def __init__(self, server: TestServer, config: Config) -> None:
+        self.server = server
+        self.config = config
+        self.app: web.Application = server.app  # type: ignore[assignment]
+        self.http_url = f"http://127.0.0.1:{server.port}"
+        self.ws_url = f"ws://127.0.0.1:{server.port}"
+
+    def token(self, store_id: str, scope: str = "write", sub: str = "tester", **kw: Any) -> str:
+        return mint_token(
+            self.config.jwt_secret,
+            store_id=store_id,
+            scope=scope,
+            sub=sub,
+            issuer=kw.pop("issuer", self.config.issuer),
+            **kw,
+        )
+
+    def client(
+        self, store_id: str, scope: str = "write", sub: str = "tester", **kw: Any
+    ) -> StoreClient:
+        """An unconnected client (use ``async with``)."""
+        token = kw.pop("token", None) or self.token(store_id, scope, sub)
+        return StoreClient(self.ws_url, store_id, token, **kw)
+
+    async def connect(
+        self, store_id: str, scope: str = "write", sub: str = "tester", **kw: Any
+    ) -> StoreClient:
+        """A connected client; closed by the fixture at the end of the test."""
+        client = self.client(store_id, scope, sub, **kw)
+        await client.connect()
+        self._clients.append(client)
+        return client
+
+    _clients: list[StoreClient]
+
+
+ServerFactory = Callable[..., Awaitable[RunningServer]]
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., Config]:
+    """A Config for tests; ``persist=True`` puts the store files in a fresh tmp dir."""
+
+    def build(*, persist: bool = False, **overrides: Any) -> Config:
+        values: dict[str, Any] = {"jwt_secret": SECRET, "port": 0, "heartbeat": 30.0}
+        if persist:
+            values["persist_dir"] = tmp_path / "stores"
+            values["store_close_grace"] = 0.2
+        values.update(overrides)
+        config = Config(**values)
+        config.validate()
+        return config
+
+    return build
+
+
+@pytest.fixture
+async def make_server(make_config: Callable[..., Config]) -> AsyncIterator[ServerFactory]:
+    """Start real servers on free loopback ports; all stopped at the end of the test."""
+    running: list[RunningServer] = []
+
+    async def start(config: Config | None = None, **overrides: Any) -> RunningServer:
+        config = config or make_config(**overrides)
+        server = TestServer(create_app(config), host="127.0.0.1")
+        await server.start_server()
+        handle = RunningServer(server, config)
+        handle._clients = []
+        running.append(handle)
+        return handle
+
+    yield start
+    for handle in running:
+        for client in handle._clients:
+            await client.close()
+        await handle.server.close()
+
+
+@pytest.fixture
+async def server(make_server: ServerFactory) -> RunningServer:
+    """A relay-only server."""
+    return await make_server()
+
+
+@pytest.fixture
+async def persistent_server(make_server: ServerFactory) -> RunningServer:
+    """A server that persists into a fresh tmp dir."""
+    return await make_server(persist=True)
