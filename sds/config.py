@@ -366,7 +366,7 @@ def _parse_value(setting: Setting, raw: Any, source: str) -> Any:
     try:
         if setting.multiple and isinstance(raw, tuple | list):
             return tuple(item for text in raw for item in setting.parse(text))
-        return setting.parse(raw)
+        return setting.parse(str(raw))
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
 

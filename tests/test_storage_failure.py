@@ -66,10 +66,12 @@ async def test_full_disk_closes_sender_with_1011_and_relays_nothing_unstored(
         assert [frame[1:] for frame in received] == stored[: len(received)]
         assert len(stored) == len(received)
 
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{server.http_url}/healthz") as response:
-                body = await response.json()
-                assert response.status == 503
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{server.http_url}/healthz") as response,
+        ):
+            body = await response.json()
+            assert response.status == 503
         assert any("storage write failed" in problem for problem in body["problems"])
         assert any("storage write failed" in record.getMessage() for record in caplog.records)
         await reader.close()
