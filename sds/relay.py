@@ -30,7 +30,7 @@ from sds.metrics import Metrics
 from sds.protocol import encode_server_frame
 
 if TYPE_CHECKING:
-    from sds.storage import Storage, StoreLog
+    from sds.storage import Storage, StoreLog, Write
 
 log = logging.getLogger(__name__)
 
@@ -235,16 +235,14 @@ _background: set[asyncio.Future[Any]] = set()
 
 
 class _Pending:
-    """One frame waiting in a store's ordered queue for its write (or earlier writes) to commit."""
+    """One frame in a store's ordered queue; ``write`` is None for frames that store nothing."""
 
-    __slots__ = ("clock", "data", "done", "failed", "sender")
+    __slots__ = ("data", "sender", "write")
 
-    def __init__(self, data: bytes, sender: Any, clock: int | None) -> None:
+    def __init__(self, data: bytes, sender: Any, write: Write | None) -> None:
         self.data = data
         self.sender = sender
-        self.clock = clock
-        self.done = True
-        self.failed = False
+        self.write = write
 
 
 class LiveStore:
@@ -266,6 +264,7 @@ class LiveStore:
         self._room = asyncio.Event()
         self._room.set()
         self._drained_callbacks: list[Callable[[], None]] = []
+        self._watched_batch: asyncio.Future[None] | None = None
 
     def __len__(self) -> int:
         return len(self._clients)
@@ -310,36 +309,37 @@ class LiveStore:
         else:
             self.broadcast(data, sender)
 
-    def relay_after_commit(
-        self, data: bytes, sender: Any, commit: asyncio.Future[int | None]
-    ) -> None:
+    def relay_after_commit(self, data: bytes, sender: Any, write: Write) -> None:
         """Relay ``data`` once its write, and every write queued before it, has committed.
 
         A write that fails is never relayed and its sender is closed with 1011.
         """
-        pending = _Pending(data, sender, None)
-        pending.done = False
-        self._queue.append(pending)
+        self._queue.append(_Pending(data, sender, write))
         if len(self._queue) >= QUEUE_HIGH_WATER:
             self._room.clear()
-        commit.add_done_callback(lambda fut: self._committed(pending, fut))
+        batch = write.batch
+        if batch is not None and batch is not self._watched_batch:
+            self._watched_batch = batch
+            batch.add_done_callback(self._on_commit)
 
-    def _committed(self, pending: _Pending, commit: asyncio.Future[int | None]) -> None:
-        pending.done = True
-        if commit.cancelled() or commit.exception() is not None:
-            pending.failed = True
-            close = getattr(pending.sender, "close", None)
-            if close is not None:
-                close(CLOSE_INTERNAL_ERROR, "storage failure")
-        else:
-            pending.clock = commit.result()
+    def _on_commit(self, _batch: asyncio.Future[None]) -> None:
+        """A group commit finished: relay every frame at the head whose write is decided."""
         queue = self._queue
-        while queue and queue[0].done:
-            head = queue.popleft()
-            if head.failed:
-                continue
-            if head.clock is not None:
-                self.relayed_clock = head.clock
+        while queue:
+            head = queue[0]
+            write = head.write
+            if write is not None:
+                if write.committed is None:
+                    break
+                if not write.committed:
+                    queue.popleft()
+                    close = getattr(head.sender, "close", None)
+                    if close is not None:
+                        close(CLOSE_INTERNAL_ERROR, "storage failure")
+                    continue
+                if write.clock is not None:
+                    self.relayed_clock = write.clock
+            queue.popleft()
             self.broadcast(head.data, head.sender)
         if len(queue) < QUEUE_HIGH_WATER:
             self._room.set()
