@@ -63,13 +63,16 @@ def all_rows(path: Path) -> dict[str, list[tuple[object, ...]]]:
 
 
 def db_digests(directory: Path) -> dict[str, str]:
-    """sha256 of every .db file and WAL of a dir: to show that nothing stored changed."""
+    """sha256 of every .db file and non-empty WAL of a dir: to show that nothing stored changed.
+
+    (A read-only SQLite connection may create an empty ``-wal`` beside a WAL database.)
+    """
     if not directory.exists():
         return {}
     return {
         path.name: hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(directory.iterdir())
-        if path.name.endswith((".db", ".db-wal")) and path.is_file()
+        if path.name.endswith((".db", ".db-wal")) and path.is_file() and path.stat().st_size
     }
 
 
