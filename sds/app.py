@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 
+from sds.admin_api import compact_handler
 from sds.appkeys import CONFIG, METRICS, RELAY, SIGNALLING, STATE, STORAGE, ServerState
 from sds.auth import AuthFailures
 from sds.chunks import ChunkBudget
@@ -61,6 +62,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/ws/{store_id}", ws_handler)
     app.router.add_get("/signal/{store_id}", signal_handler)
     app.router.add_post("/api/token", token_handler)
+    app.router.add_post("/api/stores/{store_id}/compact", compact_handler)
     app.router.add_get("/healthz", healthz_handler)
     app.router.add_get("/metrics", metrics_handler)
     return app

@@ -6,8 +6,11 @@ import sys
 
 import click
 
+from sds.cli.backup import backup, restore
 from sds.cli.serve import serve
+from sds.cli.store import store
 from sds.cli.token import secret, token
+from sds.cli.watch import watch_command
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -30,6 +33,10 @@ def cli() -> None:
 cli.add_command(serve)
 cli.add_command(secret)
 cli.add_command(token)
+cli.add_command(store)
+cli.add_command(backup)
+cli.add_command(restore)
+cli.add_command(watch_command)
 
 
 def main(argv: list[str] | None = None) -> None:

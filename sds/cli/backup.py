@@ -1,0 +1,177 @@
+"""``sds backup``, ``sds backup verify`` and ``sds restore``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sds.cli.options import config_from, fail, setting_options, stdout_console
+from sds.cli.store import human_bytes, json_option, persist_dir_of
+
+BACKUP_DIR_ENV = "SDS_BACKUP_DIR"
+
+
+@click.group(invoke_without_command=True)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar=BACKUP_DIR_ENV,
+    help=f"Directory for the archive (created if needed). [env var: {BACKUP_DIR_ENV}]",
+)
+@json_option
+@setting_options("persist_dir", secret=False)
+@click.pass_context
+def backup(ctx: click.Context, /, out_dir: Path | None, as_json: bool, **options: Any) -> None:
+    """Back up every store into one timestamped archive (online, consistent).
+
+    Each store file is copied with SQLite's backup API from a read-only
+    connection, so the copy is consistent while the server keeps writing. The
+    archive sds-backup-YYYYmmddTHHMMSSZ.tar.gz holds the copies and manifest.json
+    (store ids, row counts, sha256 per file, SQLite version, time); it is written
+    under a temporary name and renamed when complete. Exit 1 if any store file
+    could not be copied (the others are still archived).
+
+    \b
+    Examples:
+      sds backup --out /var/backups/sds --persist-dir /var/lib/sds
+      SDS_PERSIST_DIR=/var/lib/sds sds backup --out /var/backups/sds --json
+      sds backup verify /var/backups/sds/sds-backup-20250101T030000Z.tar.gz
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if out_dir is None:
+        raise click.UsageError(f"--out DIR is required (or {BACKUP_DIR_ENV})")
+    from sds.backup import BackupError, create_backup
+
+    config = config_from(options, require_secret=False)
+    directory = persist_dir_of(config)
+    try:
+        with _progress("backing up", as_json) as progress:
+            result = create_backup(directory, out_dir, progress=progress)
+    except BackupError as exc:
+        fail(str(exc))
+        return
+    manifest = result.manifest
+    if as_json:
+        click.echo(json.dumps(result.as_json(), indent=2))
+    else:
+        size = human_bytes(result.archive.stat().st_size)
+        stores = sum(len(entry.store_ids) for entry in manifest.files)
+        click.echo(f"{result.archive}  ({len(manifest.files)} files, {stores} stores, {size})")
+    if manifest.skipped:
+        names = ", ".join(item["name"] for item in manifest.skipped)
+        fail(f"{len(manifest.skipped)} store file(s) could not be backed up: {names}")
+
+
+@backup.command("verify")
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@json_option
+def backup_verify(archive: Path, as_json: bool) -> None:
+    """Check an archive: manifest, sha256, integrity_check and row counts of each file.
+
+    Exit 1 when anything does not match.
+
+    \b
+    Examples:
+      sds backup verify /var/backups/sds/sds-backup-20250101T030000Z.tar.gz
+      sds backup verify --json ARCHIVE | jq '.files[].rows'
+    """
+    from sds.backup import BackupError, verify_archive
+
+    try:
+        manifest = verify_archive(archive)
+    except BackupError as exc:
+        fail(f"{archive.name}: {exc}")
+        return
+    if as_json:
+        click.echo(
+            json.dumps({"archive": str(archive), "ok": True, **manifest.as_json()}, indent=2)
+        )
+        return
+    _print_manifest(manifest, f"{archive.name}: ok (created {manifest.created})")
+
+
+@click.command()
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace store files that already exist.")
+@json_option
+@setting_options("persist_dir", secret=False)
+def restore(archive: Path, force: bool, as_json: bool, **options: Any) -> None:
+    """Restore an archive into the persist dir (verified first; atomic per file).
+
+    The archive is verified (sha256, integrity_check, row counts) before any file
+    is touched. Existing store files are only replaced with --force. Each file is
+    replaced under its one-writer lock: if a running server has a store of the
+    archive open, nothing is restored and the command exits 1 (stop the server, or
+    wait until it has released the store).
+
+    \b
+    Examples:
+      sds restore /var/backups/sds/sds-backup-20250101T030000Z.tar.gz --persist-dir /var/lib/sds
+      SDS_PERSIST_DIR=/srv/sds-restore-drill sds restore ARCHIVE --json
+    """
+    from sds.backup import BackupError, restore_archive
+
+    config = config_from(options, require_secret=False)
+    directory = persist_dir_of(config)
+    try:
+        with _progress("restoring", as_json) as progress:
+            result = restore_archive(archive, directory, force=force, progress=progress)
+    except BackupError as exc:
+        fail(str(exc))
+        return
+    if as_json:
+        click.echo(json.dumps(result.as_json(), indent=2))
+        return
+    stores = sum(len(entry.store_ids) for entry in result.files)
+    click.echo(
+        f"restored {len(result.files)} files ({stores} stores) into {directory}"
+        + (f", replacing {len(result.replaced)}" if result.replaced else "")
+    )
+
+
+def _print_manifest(manifest: Any, title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for name in ("file", "store ids", "patches", "snapshots", "blobs", "bytes", "sha256"):
+        table.add_column(name)
+    for entry in manifest.files:
+        table.add_row(
+            entry.name,
+            ", ".join(entry.store_ids),
+            str(entry.rows.get("patches", 0)),
+            str(entry.rows.get("snapshots", 0)),
+            str(entry.rows.get("blobs", 0)),
+            human_bytes(entry.bytes),
+            entry.sha256[:16],
+        )
+    stdout_console().print(table)
+
+
+@contextmanager
+def _progress(label: str, quiet: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A rich progress bar on a terminal (stderr), nothing otherwise."""
+    from sds.cli.options import stderr_console
+
+    console = stderr_console()
+    if quiet or not console.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def advance(name: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, description=f"{label} {name}")
+
+        yield advance

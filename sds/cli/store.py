@@ -1,0 +1,320 @@
+"""``sds store list``, ``sds store inspect`` and ``sds store compact``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sds.cli.options import (
+    ConfigFailure,
+    config_from,
+    fail,
+    setting_options,
+    stdout_console,
+)
+from sds.config import Config
+
+URL_ENV = "SDS_URL"
+ADMIN_TOKEN_SECONDS = 300
+
+
+def json_option(function: Any) -> Any:
+    """The ``--json`` flag of every command that prints data."""
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(function)
+
+
+def persist_dir_of(config: Config) -> Path:
+    """The configured persist dir; exit 2 when none is set."""
+    if config.persist_dir is None:
+        raise ConfigFailure("no persist dir: set --persist-dir or SDS_PERSIST_DIR")
+    return config.persist_dir
+
+
+def human_bytes(size: int | None) -> str:
+    """1234567 -> '1.2 MiB'."""
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def default_url(config: Config) -> str:
+    """The server the CLI asks: SDS_URL, else http://127.0.0.1:<SDS_PORT or 3000>."""
+    return os.environ.get(URL_ENV) or f"http://127.0.0.1:{config.port}"
+
+
+@click.group()
+def store() -> None:
+    """Inspect and compact the per-store SQLite files."""
+
+
+@store.command("list")
+@json_option
+@setting_options("persist_dir", secret=False)
+def store_list(as_json: bool, **options: Any) -> None:
+    """List every store file of the persist dir with its figures.
+
+    Runs SQLite's quick_check on each file; exit 1 if a file is unreadable or damaged.
+    Files are opened read-only: listing never writes a store.
+
+    \b
+    Examples:
+      sds store list --persist-dir /var/lib/sds
+      SDS_PERSIST_DIR=/var/lib/sds sds store list --json | jq '.files[].stores'
+    """
+    from sds.maintenance import MaintenanceError, inspect_file, store_files
+
+    config = config_from(options, require_secret=False)
+    directory = persist_dir_of(config)
+    try:
+        paths = store_files(directory)
+    except MaintenanceError as exc:
+        raise ConfigFailure(str(exc)) from None
+    reports: list[dict[str, Any]] = []
+    problems = []
+    for path in paths:
+        try:
+            report = inspect_file(path, quick=True).as_json()
+        except MaintenanceError as exc:
+            report = {"file": path.name, "path": str(path), "error": str(exc)}
+        if report.get("error") or report.get("integrity") != "ok":
+            problems.append(path.name)
+        reports.append(report)
+    from sds.storage import SQLITE_VERSION
+
+    if as_json:
+        payload = {"persist_dir": str(directory), "sqlite_version": SQLITE_VERSION}
+        click.echo(json.dumps({**payload, "files": reports}, indent=2))
+    else:
+        _print_reports(reports, f"{directory} (SQLite {SQLITE_VERSION})")
+    if problems:
+        fail(f"{len(problems)} store file(s) failed the check: {', '.join(problems)}")
+
+
+@store.command("inspect")
+@click.argument("target", metavar="ID|FILE")
+@json_option
+@setting_options("persist_dir", secret=False)
+def store_inspect(target: str, as_json: bool, **options: Any) -> None:
+    """Show the figures of one store (by id) or one store file (by path).
+
+    Patches, clock range, snapshot, blobs, bytes on disk, last write, SQLite's full
+    integrity_check and version. Opened read-only. Exit 1 when the store is unknown,
+    the file unreadable or the integrity check fails.
+
+    \b
+    Examples:
+      sds store inspect notes --persist-dir /var/lib/sds
+      sds store inspect /var/lib/sds/notes.db --json
+    """
+    from sds.maintenance import MaintenanceError, inspect_file, resolve_store
+
+    config = config_from(options, require_secret=False)
+    try:
+        path, store_id = resolve_store(config.persist_dir, target)
+        report = inspect_file(path)
+    except MaintenanceError as exc:
+        fail(str(exc))
+        return
+    data = report.as_json()
+    if store_id is not None and store_id not in [s.store_id for s in report.stores]:
+        fail(f"unknown store {store_id!r}: {path.name} has no rows for it")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        _print_reports([data], str(path))
+    if report.integrity != "ok":
+        fail(f"{path.name} failed the integrity check: {report.integrity}")
+
+
+def _print_reports(reports: list[dict[str, Any]], title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for name, justify in (
+        ("file", "left"),
+        ("store id", "left"),
+        ("patches", "right"),
+        ("clocks", "right"),
+        ("patch bytes", "right"),
+        ("snapshot", "right"),
+        ("blobs", "right"),
+        ("file bytes", "right"),
+        ("last write", "left"),
+        ("integrity", "left"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for report in reports:
+        if "error" in report:
+            table.add_row(report["file"], "", "", "", "", "", "", "", "", f"[red]{report['error']}")
+            continue
+        check = report["integrity"]
+        check_cell = "[green]ok" if check == "ok" else f"[red]{check}"
+        file_cells = [
+            f"{report['blobs']} ({human_bytes(report['blob_bytes'])})",
+            human_bytes(report["bytes"]),
+            report["last_write"] or "-",
+            check_cell,
+        ]
+        stores = report["stores"] or [None]
+        for index, figures in enumerate(stores):
+            if figures is None:
+                store_cells = ["(empty)", "0", "-", "-", "-"]
+            else:
+                clocks = (
+                    f"{figures['first_clock']}..{figures['last_clock']}"
+                    if figures["patches"]
+                    else "-"
+                )
+                snapshot = (
+                    f"@{figures['snapshot_clock']} ({human_bytes(figures['snapshot_bytes'])})"
+                    if figures["snapshot_clock"] is not None
+                    else "-"
+                )
+                store_cells = [
+                    figures["store_id"],
+                    str(figures["patches"]),
+                    clocks,
+                    human_bytes(figures["patch_bytes"]),
+                    snapshot,
+                ]
+            first = index == 0
+            table.add_row(
+                report["file"] if first else "",
+                *store_cells,
+                *(file_cells if first else ["", "", "", ""]),
+            )
+    stdout_console().print(table)
+
+
+@store.command("compact")
+@click.argument("store_id", metavar="ID", required=False)
+@click.option("--all", "all_stores", is_flag=True, help="Compact every store file.")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Seconds to keep trying to get the file lock or the server.",
+)
+@click.option(
+    "--url",
+    metavar="URL",
+    default=None,
+    help=f"The running server, asked to compact the stores it holds. "
+    f"[env var: {URL_ENV}; default http://127.0.0.1:<SDS_PORT or 3000>]",
+)
+@json_option
+@setting_options("persist_dir", "value_mode", "port", "issuer")
+def store_compact(
+    store_id: str | None,
+    all_stores: bool,
+    wait: float,
+    url: str | None,
+    as_json: bool,
+    **options: Any,
+) -> None:
+    """Remove duplicate patches (and, in snapshot mode, superseded ones); VACUUM.
+
+    Byte-identical repeats of a patch are removed keeping the first (CRDT patches
+    are idempotent, and peers re-send their state on every SYNC_REQ). With
+    --value-mode snapshot, patches at or below the snapshot clock go too. Then the
+    WAL is checkpointed and the file vacuumed. What a joining client replays stays
+    the same: every distinct patch, in the order first written.
+
+    One writer per file: if the server is not using the file, the command takes the
+    file lock and compacts it itself; if the server holds it, the command asks the
+    server (POST /api/stores/ID/compact with an admin token it signs with the
+    configured secret). If neither works within --wait seconds: exit 1.
+
+    \b
+    Examples:
+      sds store compact notes --persist-dir /var/lib/sds
+      sds store compact --all --json
+      SDS_URL=http://127.0.0.1:8080 sds store compact notes --value-mode snapshot
+    """
+    if bool(store_id) == all_stores:
+        raise click.UsageError("give a store ID or --all (not both)")
+    config = config_from(options, require_secret=False)
+    directory = persist_dir_of(config)
+    from sds.maintenance import MaintenanceError, compact_safely, resolve_store, store_files
+
+    try:
+        if all_stores:
+            targets: list[tuple[Path, str | None]] = [(p, None) for p in store_files(directory)]
+        else:
+            assert store_id is not None
+            path, named = resolve_store(directory, store_id)
+            targets = [(path, named)]
+    except MaintenanceError as exc:
+        fail(str(exc))
+        return
+    admin_token = _admin_token_factory(config)
+    server = url or default_url(config)
+    results = []
+    for path, one in targets:
+        try:
+            result = compact_safely(
+                path,
+                store_id=one,
+                value_mode=config.value_mode,
+                server_url=server,
+                admin_token=admin_token,
+                wait=wait,
+            )
+        except MaintenanceError as exc:
+            fail(str(exc))
+            return
+        results.append(result.as_json())
+    if as_json:
+        click.echo(json.dumps({"results": results}, indent=2))
+    else:
+        _print_compaction(results)
+
+
+def _admin_token_factory(config: Config) -> Any:
+    """Mints a short admin token per store, or None without a secret."""
+    if not config.jwt_secret:
+        return None
+    from sds.tokens import mint_token
+
+    def admin_token(store_id: str) -> str:
+        return mint_token(
+            config.jwt_secret,
+            store_id=store_id,
+            scope="admin",
+            sub="sds-store-compact",
+            expires_in=ADMIN_TOKEN_SECONDS,
+            issuer=config.issuer,
+        )
+
+    return admin_token
+
+
+def _print_compaction(results: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table()
+    for name in ("file", "stores", "duplicates removed", "superseded removed", "bytes", "via"):
+        table.add_column(name)
+    for result in results:
+        table.add_row(
+            result["file"],
+            ", ".join(result["store_ids"]) or "(none)",
+            str(result["duplicates_removed"]),
+            str(result["superseded_removed"]),
+            f"{human_bytes(result['bytes_before'])} -> {human_bytes(result['bytes_after'])}",
+            result["via"],
+        )
+    if not results:
+        stdout_console().print("no store files to compact")
+        return
+    stdout_console().print(table)

@@ -1,0 +1,494 @@
+"""Store file maintenance: figures for `sds store list/inspect`, compaction, the joiner's view.
+
+Everything here works on a path or a ``sqlite3.Connection`` and does no locking of
+its own: inspection opens files read-only (``mode=ro``), so it never writes the
+database (SQLite may still create the empty ``-wal``/``-shm`` side files of a WAL
+database). Compaction writes, so its caller must hold the file's one-writer lock or
+run it inside the server's ``StoreFile.paused()`` (see ``sds.admin_api``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import sqlite3
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sds.storage import SQLITE_VERSION, StoreBusy, connect_sync, store_filename, try_lock
+
+TABLES = ("snapshots", "patches", "blobs")
+SIDE_SUFFIXES = ("-wal", "-shm")
+
+
+class MaintenanceError(Exception):
+    """A store file cannot be inspected or compacted; the message is one line."""
+
+
+@dataclass
+class StoreFigures:
+    """What one store id holds in its file."""
+
+    store_id: str
+    patches: int
+    patch_bytes: int
+    first_clock: int | None
+    last_clock: int | None
+    snapshot_clock: int | None
+    snapshot_bytes: int | None
+
+
+@dataclass
+class FileReport:
+    """Figures of one store file (every store id in it, its blobs, its size and health)."""
+
+    file: str
+    path: str
+    stores: list[StoreFigures]
+    blobs: int
+    blob_bytes: int
+    bytes: int
+    last_write: str | None
+    integrity: str
+    sqlite_version: str = SQLITE_VERSION
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CompactionResult:
+    """What compaction removed from one store, and the file size around it."""
+
+    file: str
+    store_ids: list[str]
+    duplicates_removed: int = 0
+    superseded_removed: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    integrity: str = ""
+    via: str = "lock"
+    details: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def connect_readonly(path: Path) -> sqlite3.Connection:
+    """Open an existing store file read-only; MaintenanceError if it is missing or not SQLite."""
+    if not path.is_file():
+        raise MaintenanceError(f"no store file {path}")
+    try:
+        conn = connect_sync(path, readonly=True)
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as exc:
+        raise MaintenanceError(f"{path.name} is not a readable SQLite file: {exc}") from None
+    return conn
+
+
+def is_store_file(path: Path) -> bool:
+    """A ``*.db`` file of a persist dir (not a lock, WAL or temp file)."""
+    return path.is_file() and path.suffix == ".db" and not path.name.startswith(".")
+
+
+def store_files(directory: Path) -> list[Path]:
+    """The store files of a persist dir, sorted by name."""
+    if not directory.is_dir():
+        raise MaintenanceError(f"persist dir {directory} does not exist")
+    return sorted(p for p in directory.iterdir() if is_store_file(p))
+
+
+def resolve_store(directory: Path | None, target: str) -> tuple[Path, str | None]:
+    """A command's ID|FILE argument: an existing ``.db`` path, or a store id in the persist dir.
+
+    Returns the file and the store id (None when a file was named).
+    """
+    candidate = Path(target)
+    if target.endswith(".db") and candidate.is_file():
+        return candidate, None
+    if directory is None:
+        raise MaintenanceError(
+            f"{target!r} is not a store file and no persist dir is set "
+            "(--persist-dir or SDS_PERSIST_DIR)"
+        )
+    path = directory / store_filename(target)
+    if not path.is_file():
+        raise MaintenanceError(f"unknown store {target!r}: no file {path.name} in {directory}")
+    return path, target
+
+
+def store_ids(conn: sqlite3.Connection) -> list[str]:
+    """Every store id that has rows in a file (two ids can share one file)."""
+    _check_schema(conn)
+    rows = conn.execute(
+        "SELECT store_id FROM patches UNION SELECT store_id FROM snapshots ORDER BY 1"
+    ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def file_bytes(path: Path) -> int:
+    """Bytes on disk of a store file with its WAL and shared-memory files."""
+    total = 0
+    for candidate in (path, *(path.with_name(path.name + s) for s in SIDE_SUFFIXES)):
+        with contextlib.suppress(FileNotFoundError):
+            total += candidate.stat().st_size
+    return total
+
+
+def last_write(path: Path) -> str | None:
+    """When the file (or its WAL) was last written, ISO 8601 UTC."""
+    times = []
+    for candidate in (path, path.with_name(path.name + "-wal")):
+        with contextlib.suppress(FileNotFoundError):
+            times.append(candidate.stat().st_mtime)
+    if not times:
+        return None
+    return dt.datetime.fromtimestamp(max(times), tz=dt.UTC).isoformat(timespec="seconds")
+
+
+def integrity(conn: sqlite3.Connection, *, quick: bool = False) -> str:
+    """``ok`` or SQLite's first complaints, joined on one line."""
+    pragma = "quick_check" if quick else "integrity_check"
+    try:
+        rows = conn.execute(f"PRAGMA {pragma}(20)").fetchall()
+    except sqlite3.Error as exc:
+        return f"error: {exc}"
+    messages = [str(row[0]) for row in rows]
+    return "ok" if messages == ["ok"] else "; ".join(messages)
+
+
+def store_figures(conn: sqlite3.Connection, store_id: str) -> StoreFigures:
+    """Patch count, clock range, bytes and snapshot of one store id."""
+    count, size, first, last = conn.execute(
+        "SELECT count(*), coalesce(sum(length(data)), 0), min(clock), max(clock) "
+        "FROM patches WHERE store_id = ?",
+        (store_id,),
+    ).fetchone()
+    snapshot = conn.execute(
+        "SELECT clock, length(data) FROM snapshots WHERE store_id = ?", (store_id,)
+    ).fetchone()
+    return StoreFigures(
+        store_id=store_id,
+        patches=int(count),
+        patch_bytes=int(size),
+        first_clock=first,
+        last_clock=last,
+        snapshot_clock=snapshot[0] if snapshot else None,
+        snapshot_bytes=snapshot[1] if snapshot else None,
+    )
+
+
+def inspect_file(path: Path, *, quick: bool = False) -> FileReport:
+    """Every figure of one store file, read through a read-only connection."""
+    conn = connect_readonly(path)
+    try:
+        try:
+            ids = store_ids(conn)
+            blobs, blob_bytes = conn.execute(
+                "SELECT count(*), coalesce(sum(length(data)), 0) FROM blobs"
+            ).fetchone()
+            stores = [store_figures(conn, store_id) for store_id in ids]
+        except sqlite3.Error as exc:
+            raise MaintenanceError(f"{path.name} cannot be read: {exc}") from None
+        check = integrity(conn, quick=quick)
+    finally:
+        conn.close()
+    return FileReport(
+        file=path.name,
+        path=str(path),
+        stores=stores,
+        blobs=int(blobs),
+        blob_bytes=int(blob_bytes),
+        bytes=file_bytes(path),
+        last_write=last_write(path),
+        integrity=check,
+    )
+
+
+def joiner_frames(conn: sqlite3.Connection, store_id: str) -> list[bytes]:
+    """The frames a client joining ``store_id`` replays: the snapshot as VALUE, then patches."""
+    return list(_joiner_frames(conn, store_id))
+
+
+def _joiner_frames(conn: sqlite3.Connection, store_id: str) -> Iterator[bytes]:
+    snapshot = conn.execute(
+        "SELECT data, clock FROM snapshots WHERE store_id = ?", (store_id,)
+    ).fetchone()
+    after = 0
+    if snapshot is not None:
+        after = int(snapshot[1])
+        yield b"\x02" + bytes(snapshot[0])
+    for (data,) in conn.execute(
+        "SELECT data FROM patches WHERE store_id = ? AND clock > ? ORDER BY clock",
+        (store_id, after),
+    ):
+        yield b"\x01" + bytes(data)
+
+
+def distinct_in_order(frames: list[bytes]) -> list[bytes]:
+    """Each distinct frame once, at its first occurrence (what compaction must preserve)."""
+    seen: set[bytes] = set()
+    result = []
+    for frame in frames:
+        if frame not in seen:
+            seen.add(frame)
+            result.append(frame)
+    return result
+
+
+def remove_duplicate_patches(conn: sqlite3.Connection, store_id: str) -> int:
+    """Delete byte-identical repeats of a store's patches, keeping the first; the count removed.
+
+    Only patches a joiner replays (after the snapshot clock) are compared: a patch
+    hidden behind the snapshot must not make a later, visible copy disappear.
+    """
+    snapshot = conn.execute(
+        "SELECT clock FROM snapshots WHERE store_id = ?", (store_id,)
+    ).fetchone()
+    after = int(snapshot[0]) if snapshot else 0
+    first_by_digest: dict[bytes, int] = {}
+    doomed: list[int] = []
+    rows = conn.execute(
+        "SELECT clock, data FROM patches WHERE store_id = ? AND clock > ? ORDER BY clock",
+        (store_id, after),
+    ).fetchall()
+    for clock, data in rows:
+        digest = hashlib.sha256(data).digest()
+        first = first_by_digest.get(digest)
+        if first is None:
+            first_by_digest[digest] = clock
+        elif _patch_data(conn, store_id, first) == bytes(data):
+            doomed.append(clock)
+    conn.executemany(
+        "DELETE FROM patches WHERE store_id = ? AND clock = ?",
+        [(store_id, clock) for clock in doomed],
+    )
+    return len(doomed)
+
+
+def _patch_data(conn: sqlite3.Connection, store_id: str, clock: int) -> bytes:
+    row = conn.execute(
+        "SELECT data FROM patches WHERE store_id = ? AND clock = ?", (store_id, clock)
+    ).fetchone()
+    return bytes(row[0])
+
+
+def remove_superseded_patches(conn: sqlite3.Connection, store_id: str) -> int:
+    """Delete patches at or below the snapshot clock (``--value-mode snapshot``); the count."""
+    cursor = conn.execute(
+        "DELETE FROM patches WHERE store_id = ? AND clock <= "
+        "(SELECT clock FROM snapshots WHERE store_id = ?)",
+        (store_id, store_id),
+    )
+    return max(cursor.rowcount, 0)
+
+
+def compact_connection(
+    conn: sqlite3.Connection, ids: list[str], *, value_mode: str
+) -> dict[str, dict[str, int]]:
+    """Remove duplicate (and, in snapshot mode, superseded) patches of ``ids`` in one transaction."""
+    details: dict[str, dict[str, int]] = {}
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for store_id in ids:
+            superseded = (
+                remove_superseded_patches(conn, store_id) if value_mode == "snapshot" else 0
+            )
+            duplicates = remove_duplicate_patches(conn, store_id)
+            details[store_id] = {"duplicates": duplicates, "superseded": superseded}
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return details
+
+
+def compact_file(
+    path: Path, *, store_id: str | None = None, value_mode: str = "blob"
+) -> CompactionResult:
+    """Compact one store file (one store id of it, or all): dedupe, prune, checkpoint, VACUUM.
+
+    The caller holds the file's one-writer lock or the server's paused StoreFile.
+    """
+    if not path.is_file():
+        raise MaintenanceError(f"no store file {path}")
+    before = file_bytes(path)
+    try:
+        conn = sqlite3.connect(path, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise MaintenanceError(f"cannot open {path.name}: {exc}") from None
+    try:
+        conn.execute("PRAGMA busy_timeout=5000")
+        ids = store_ids(conn)
+        if store_id is not None:
+            if store_id not in ids:
+                raise MaintenanceError(f"unknown store {store_id!r}: no rows in {path.name}")
+            ids = [store_id]
+        details = compact_connection(conn, ids, value_mode=value_mode)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("VACUUM")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        check = integrity(conn, quick=True)
+    except sqlite3.Error as exc:
+        raise MaintenanceError(f"compaction of {path.name} failed: {exc}") from None
+    finally:
+        conn.close()
+    return CompactionResult(
+        file=path.name,
+        store_ids=ids,
+        duplicates_removed=sum(d["duplicates"] for d in details.values()),
+        superseded_removed=sum(d["superseded"] for d in details.values()),
+        bytes_before=before,
+        bytes_after=file_bytes(path),
+        integrity=check,
+        details=details,
+    )
+
+
+def _check_schema(conn: sqlite3.Connection) -> None:
+    names = {
+        str(row[0])
+        for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    }
+    missing = [table for table in TABLES if table not in names]
+    if missing:
+        raise MaintenanceError(f"not an SDS store file (no {', '.join(missing)} table)")
+
+
+COMPACT_HTTP_TIMEOUT = 900.0
+"""Seconds the CLI waits for the server to finish a compaction it asked for."""
+RETRY_SECONDS = 0.2
+
+
+class ServerUnavailable(MaintenanceError):
+    """The server did not answer (yet); worth retrying until the wait is over."""
+
+
+def compact_path(store_id: str) -> str:
+    """The admin endpoint that compacts one store inside the running server."""
+    return "/api/stores/" + urllib.parse.quote(store_id, safe="") + "/compact"
+
+
+def compact_via_server(
+    base_url: str, store_id: str, token: str, *, value_mode: str
+) -> CompactionResult:
+    """Ask the running server to compact a store (it holds the file); its report."""
+    request = urllib.request.Request(
+        base_url.rstrip("/") + compact_path(store_id),
+        data=json.dumps({"value_mode": value_mode}).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=COMPACT_HTTP_TIMEOUT) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        message = _error_message(exc)
+        if exc.code == 503:
+            raise ServerUnavailable(f"the server is busy: {message}") from None
+        raise MaintenanceError(f"the server refused to compact {store_id!r}: {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ServerUnavailable(f"the server at {base_url} did not answer ({reason})") from None
+    except ValueError:
+        raise MaintenanceError(f"the server at {base_url} sent an unreadable answer") from None
+    details = body.get("details", {})
+    return CompactionResult(
+        file=str(body.get("file", "")),
+        store_ids=list(body.get("store_ids", [store_id])),
+        duplicates_removed=int(body.get("duplicates_removed", 0)),
+        superseded_removed=int(body.get("superseded_removed", 0)),
+        bytes_before=int(body.get("bytes_before", 0)),
+        bytes_after=int(body.get("bytes_after", 0)),
+        integrity=str(body.get("integrity", "")),
+        via="server",
+        details=details if isinstance(details, dict) else {},
+    )
+
+
+def _error_message(exc: urllib.error.HTTPError) -> str:
+    try:
+        return str(json.loads(exc.read())["error"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return f"HTTP {exc.code}"
+
+
+def compact_safely(
+    path: Path,
+    *,
+    store_id: str | None,
+    value_mode: str,
+    server_url: str,
+    admin_token: Callable[[str], str] | None,
+    wait: float,
+) -> CompactionResult:
+    """Compact under the one-writer rule: directly when the file lock is free, else through
+    the server that holds it; MaintenanceError when neither works within ``wait`` seconds.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fd: int | None = try_lock(path, timeout=0)
+        except StoreBusy:
+            fd = None
+        except OSError as exc:
+            raise MaintenanceError(f"cannot lock {path.name}: {exc.strerror}") from None
+        if fd is not None:
+            try:
+                return compact_file(path, store_id=store_id, value_mode=value_mode)
+            finally:
+                os.close(fd)
+        if admin_token is None:
+            raise MaintenanceError(
+                f"{path.name} is in use by the server; a JWT secret is needed to ask it to "
+                "compact (SDS_JWT_SECRET or SDS_JWT_SECRET_FILE)"
+            )
+        try:
+            return _compact_file_via_server(
+                path, store_id, value_mode=value_mode, url=server_url, admin_token=admin_token
+            )
+        except ServerUnavailable as exc:
+            problem = str(exc)
+        if time.monotonic() >= deadline:
+            raise MaintenanceError(
+                f"cannot compact {path.name} within {wait:g}s: another process holds its "
+                f"lock and {problem}"
+            )
+        time.sleep(RETRY_SECONDS)
+
+
+def _compact_file_via_server(
+    path: Path,
+    store_id: str | None,
+    *,
+    value_mode: str,
+    url: str,
+    admin_token: Callable[[str], str],
+) -> CompactionResult:
+    if store_id is not None:
+        ids = [store_id]
+    else:
+        conn = connect_readonly(path)
+        try:
+            ids = store_ids(conn)
+        finally:
+            conn.close()
+    total = CompactionResult(file=path.name, store_ids=ids, via="server")
+    total.bytes_before = file_bytes(path)
+    for one in ids:
+        result = compact_via_server(url, one, admin_token(one), value_mode=value_mode)
+        total.duplicates_removed += result.duplicates_removed
+        total.superseded_removed += result.superseded_removed
+        total.details.update(result.details)
+        total.integrity = result.integrity
+    total.bytes_after = file_bytes(path)
+    return total

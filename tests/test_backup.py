@@ -1,0 +1,258 @@
+"""`sds backup`, `sds backup verify`, `sds restore`: online, verified, atomic."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from sds.backup import (
+    ARCHIVE_GLOB,
+    BackupError,
+    StoresExist,
+    create_backup,
+    restore_archive,
+    verify_archive,
+)
+from sds.cli import cli
+from tests.conftest import ServerFactory
+from tests.ops_helpers import (
+    all_rows,
+    db_digests,
+    one_error_line,
+    run_sds,
+    run_sds_async,
+    sds_env,
+    write_store,
+)
+
+
+def _stores(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    write_store(
+        directory / "notes.db",
+        "notes",
+        [b"n1", b"n2" * 500, b"n1"],
+        snapshot=(b"K" * 32 + b"snap", 0),
+        blobs={"ab" * 32: b"value" * 100},
+    )
+    write_store(directory / "a_b.db", "a/b", [b"x"])
+    write_store(directory / "a_b.db", "a:b", [b"y", b"z"])
+    return directory
+
+
+def _rewrite(archive: Path, target: Path, change: object) -> None:
+    """Copy an archive, passing each member's bytes through ``change(name, data)``."""
+    with tarfile.open(archive, "r:gz") as source, tarfile.open(target, "w:gz") as out:
+        for member in source:
+            extracted = source.extractfile(member)
+            assert extracted is not None
+            data = change(member.name, extracted.read())  # type: ignore[operator]
+            info = tarfile.TarInfo(member.name)
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+
+
+def test_backup_round_trip_restores_identical_rows(tmp_path: Path) -> None:
+    source = _stores(tmp_path / "stores")
+    result = create_backup(source, tmp_path / "backups")
+    assert result.archive.name.startswith("sds-backup-") and result.archive.name.endswith(".tar.gz")
+    manifest = result.manifest
+    entries = {entry.name: entry for entry in manifest.files}
+    assert entries["a_b.db"].store_ids == ["a/b", "a:b"]
+    assert entries["notes.db"].rows == {"snapshots": 1, "patches": 3, "blobs": 1}
+    assert len(entries["notes.db"].sha256) == 64
+    assert manifest.sqlite_version and manifest.created.endswith("Z")
+    assert verify_archive(result.archive).files == manifest.files
+    restored = tmp_path / "restored"
+    restore_archive(result.archive, restored)
+    for name in ("notes.db", "a_b.db"):
+        assert all_rows(restored / name) == all_rows(source / name)
+    assert not list(restored.glob(".sds-restore-*"))
+    assert not list((tmp_path / "backups").glob(".*"))
+
+
+def test_backup_cli_json_and_verify(tmp_path: Path) -> None:
+    source = _stores(tmp_path / "stores")
+    out = tmp_path / "backups"
+    runner = CliRunner()
+    result = runner.invoke(
+        cli, ["backup", "--out", str(out), "--json"], env={"SDS_PERSIST_DIR": str(source)}
+    )
+    assert result.exit_code == 0, result.output
+    archive = Path(json.loads(result.output)["archive"])
+    assert archive.parent == out and archive.is_file()
+    verified = runner.invoke(cli, ["backup", "verify", str(archive), "--json"])
+    assert verified.exit_code == 0, verified.output
+    assert json.loads(verified.output)["ok"] is True
+    shown = run_sds("backup", "verify", str(archive), env=sds_env(COLUMNS="200"))
+    assert shown.returncode == 0 and "notes.db" in shown.stdout
+
+
+@pytest.mark.parametrize("damage", ["flip", "manifest_sha", "manifest_rows", "extra_file"])
+def test_a_damaged_archive_is_refused_and_nothing_is_restored(tmp_path: Path, damage: str) -> None:
+    source = _stores(tmp_path / "stores")
+    archive = create_backup(source, tmp_path / "backups").archive
+    bad = tmp_path / "bad.tar.gz"
+    if damage == "flip":
+        data = bytearray(archive.read_bytes())
+        for offset in range(len(data) // 2, len(data) // 2 + 16):
+            data[offset] ^= 0xFF
+        bad.write_bytes(bytes(data))
+    else:
+
+        def change(name: str, data: bytes) -> bytes:
+            if name != "manifest.json":
+                return data
+            manifest = json.loads(data)
+            if damage == "manifest_sha":
+                manifest["files"][0]["sha256"] = "0" * 64
+            elif damage == "manifest_rows":
+                manifest["files"][0]["rows"]["patches"] += 1
+            else:
+                manifest["files"] = manifest["files"][:1]
+            return json.dumps(manifest).encode()
+
+        _rewrite(archive, bad, change)
+    with pytest.raises(BackupError):
+        verify_archive(bad)
+    target = tmp_path / "target"
+    result = run_sds("restore", str(bad), env=sds_env(SDS_PERSIST_DIR=str(target)))
+    assert result.returncode == 1
+    one_error_line(result)
+    assert db_digests(target) == {}
+    verify = run_sds("backup", "verify", str(bad))
+    assert verify.returncode == 1
+    one_error_line(verify)
+
+
+def test_restore_refuses_to_overwrite_existing_stores_without_force(tmp_path: Path) -> None:
+    source = _stores(tmp_path / "stores")
+    archive = create_backup(source, tmp_path / "backups").archive
+    write_store(source / "notes.db", "notes", [b"written after the backup"])
+    before = db_digests(source)
+    result = run_sds("restore", str(archive), env=sds_env(SDS_PERSIST_DIR=str(source)))
+    assert result.returncode == 1
+    assert "--force" in one_error_line(result)
+    assert db_digests(source) == before
+    with pytest.raises(StoresExist):
+        restore_archive(archive, source)
+    forced = run_sds("restore", str(archive), "--force", env=sds_env(SDS_PERSIST_DIR=str(source)))
+    assert forced.returncode == 0, forced.stderr
+    assert b"written after the backup" not in b"".join(
+        row[2]
+        for row in all_rows(source / "notes.db")["patches"]  # type: ignore[misc]
+    )
+    assert not (source / "notes.db-wal").exists()
+
+
+def test_restore_and_backup_bad_input(tmp_path: Path) -> None:
+    missing = run_sds("restore", str(tmp_path / "nope.tar.gz"), env=sds_env(SDS_PERSIST_DIR="x"))
+    assert missing.returncode == 2
+    one_error_line(missing)
+    verify_missing = run_sds("backup", "verify", str(tmp_path / "nope.tar.gz"))
+    assert verify_missing.returncode == 2
+    one_error_line(verify_missing)
+    no_out = run_sds("backup", env=sds_env(SDS_PERSIST_DIR=str(tmp_path)))
+    assert no_out.returncode == 2
+    one_error_line(no_out)
+    no_dir = run_sds("backup", "--out", str(tmp_path / "b"))
+    assert no_dir.returncode == 2
+    one_error_line(no_dir)
+    gone = run_sds(
+        "backup", "--out", str(tmp_path / "b"), env=sds_env(SDS_PERSIST_DIR=str(tmp_path / "no"))
+    )
+    assert gone.returncode == 1
+    one_error_line(gone)
+    not_archive = tmp_path / "plain.tar.gz"
+    not_archive.write_text("hello")
+    junk = run_sds("backup", "verify", str(not_archive))
+    assert junk.returncode == 1
+    one_error_line(junk)
+
+
+def test_backup_with_an_unreadable_store_archives_the_rest_and_exits_1(tmp_path: Path) -> None:
+    source = _stores(tmp_path / "stores")
+    (source / "broken.db").write_bytes(b"garbage" * 100)
+    out = tmp_path / "backups"
+    result = run_sds("backup", "--out", str(out), env=sds_env(SDS_PERSIST_DIR=str(source)))
+    assert result.returncode == 1
+    assert "broken.db" in one_error_line(result)
+    (archive,) = out.glob(ARCHIVE_GLOB)
+    manifest = verify_archive(archive)
+    assert sorted(e.name for e in manifest.files) == ["a_b.db", "notes.db"]
+    assert manifest.skipped[0]["name"] == "broken.db"
+
+
+async def test_restore_refuses_a_store_the_server_holds(
+    tmp_path: Path, make_server: ServerFactory
+) -> None:
+    server = await make_server(persist=True)
+    directory = server.config.persist_dir
+    assert directory is not None
+    writer = await server.connect("held")
+    peer = await server.connect("held", "read")
+    await writer.send(b"\x01one")
+    await peer.receive(timeout=5)
+    archive = (await asyncio.to_thread(create_backup, directory, tmp_path / "b")).archive
+    await writer.send(b"\x01two")
+    await peer.receive(timeout=5)
+    result = await run_sds_async(
+        "restore", str(archive), "--force", env=sds_env(SDS_PERSIST_DIR=str(directory))
+    )
+    assert result.returncode == 1
+    assert "stop the server" in one_error_line(result)
+    async with server.client("held", "read") as joiner:
+        assert await joiner.receive_all(0.4) == [b"\x01one", b"\x01two"]
+
+
+async def test_backup_while_a_writer_streams_restores_to_a_replayable_prefix(
+    tmp_path: Path, make_server: ServerFactory
+) -> None:
+    server = await make_server(persist=True)
+    directory = server.config.persist_dir
+    assert directory is not None
+    writer = await server.connect("live", sub="writer")
+    peer = await server.connect("live", "read", sub="peer")
+    sent: list[bytes] = []
+    stop = asyncio.Event()
+
+    async def stream() -> None:
+        i = 0
+        while not stop.is_set():
+            frame = b"\x01" + i.to_bytes(4, "big") * 64
+            await writer.send(frame)
+            sent.append(frame)
+            i += 1
+            await asyncio.sleep(0.002)
+
+    task = asyncio.create_task(stream())
+    while len(sent) < 100:
+        await asyncio.sleep(0.01)
+    for _ in range(50):
+        await peer.receive(timeout=5)
+    committed_before_backup = 50
+    out = tmp_path / "backups"
+    env = sds_env(SDS_PERSIST_DIR=str(directory))
+    result = await run_sds_async("backup", "--out", str(out), "--json", env=env)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert result.returncode == 0, result.stderr
+    archive = Path(json.loads(result.stdout)["archive"])
+    verified = await run_sds_async("backup", "verify", str(archive))
+    assert verified.returncode == 0, verified.stderr
+
+    fresh = tmp_path / "fresh"
+    restored = await run_sds_async("restore", str(archive), env=sds_env(SDS_PERSIST_DIR=str(fresh)))
+    assert restored.returncode == 0, restored.stderr
+    config = server.config.replace(persist_dir=fresh)
+    second = await make_server(config)
+    async with second.client("live", "read", sub="joiner") as joiner:
+        replayed = await joiner.receive_all(0.5)
+    assert len(replayed) >= committed_before_backup
+    assert replayed == sent[: len(replayed)]

@@ -1,0 +1,170 @@
+"""`sds store list | inspect | compact`: figures, --json, bad input (one stderr line, exit code)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from sds.cli import cli
+from sds.storage import try_lock
+from tests.conftest import ServerFactory
+from tests.ops_helpers import db_digests, one_error_line, run_sds, sds_env, write_store
+
+
+def _invoke(*args: str, persist: Path | None = None) -> tuple[int, str]:
+    env = {"SDS_PERSIST_DIR": str(persist)} if persist else {}
+    result = CliRunner().invoke(cli, list(args), env=env)
+    return result.exit_code, result.output
+
+
+def _stores(tmp_path: Path) -> Path:
+    directory = tmp_path / "stores"
+    directory.mkdir()
+    write_store(directory / "notes.db", "notes", [b"n1", b"n2", b"n1"], blobs={"aa" * 32: b"v"})
+    write_store(directory / "todo.db", "todo", [b"t" * 100])
+    return directory
+
+
+def test_store_list_json_has_the_figures_of_every_file(tmp_path: Path) -> None:
+    directory = _stores(tmp_path)
+    code, output = _invoke("store", "list", "--json", persist=directory)
+    assert code == 0, output
+    data = json.loads(output)
+    files = {f["file"]: f for f in data["files"]}
+    assert set(files) == {"notes.db", "todo.db"}
+    assert files["notes.db"]["stores"][0]["patches"] == 3
+    assert files["notes.db"]["blobs"] == 1
+    assert files["todo.db"]["stores"][0]["patch_bytes"] == 100
+    assert data["sqlite_version"]
+
+
+def test_store_list_prints_a_table(tmp_path: Path) -> None:
+    directory = _stores(tmp_path)
+    result = run_sds("store", "list", env=sds_env(SDS_PERSIST_DIR=str(directory), COLUMNS="200"))
+    assert result.returncode == 0, result.stderr
+    assert "notes.db" in result.stdout and "todo" in result.stdout and "ok" in result.stdout
+
+
+def test_store_list_without_persist_dir_is_a_config_error() -> None:
+    result = run_sds("store", "list")
+    assert result.returncode == 2
+    assert "persist dir" in one_error_line(result)
+
+
+def test_store_list_reports_a_corrupt_file_and_exits_1(tmp_path: Path) -> None:
+    directory = _stores(tmp_path)
+    (directory / "bad.db").write_bytes(b"garbage" * 1000)
+    before = db_digests(directory)
+    result = run_sds("store", "list", "--json", env=sds_env(SDS_PERSIST_DIR=str(directory)))
+    assert result.returncode == 1
+    assert "bad.db" in one_error_line(result)
+    assert any("error" in f for f in json.loads(result.stdout)["files"])
+    assert db_digests(directory) == before
+
+
+def test_store_inspect_by_id_and_by_file(tmp_path: Path) -> None:
+    directory = _stores(tmp_path)
+    code, output = _invoke("store", "inspect", "notes", "--json", persist=directory)
+    assert code == 0, output
+    data = json.loads(output)
+    assert data["integrity"] == "ok"
+    assert data["stores"][0]["first_clock"] == 1 and data["stores"][0]["last_clock"] == 3
+    code, output = _invoke("store", "inspect", str(directory / "todo.db"), "--json")
+    assert code == 0 and json.loads(output)["stores"][0]["store_id"] == "todo"
+
+
+def test_store_inspect_unknown_store_exits_1_and_changes_nothing(tmp_path: Path) -> None:
+    directory = _stores(tmp_path)
+    before = db_digests(directory)
+    result = run_sds("store", "inspect", "nope", env=sds_env(SDS_PERSIST_DIR=str(directory)))
+    assert result.returncode == 1
+    assert "unknown store" in one_error_line(result)
+    assert result.stdout == ""
+    assert db_digests(directory) == before
+    assert sorted(p.name for p in directory.iterdir()) == ["notes.db", "todo.db"]
+
+
+def test_store_inspect_corrupt_file_exits_1(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"garbage" * 1000)
+    result = run_sds("store", "inspect", str(bad))
+    assert result.returncode == 1
+    one_error_line(result)
+    assert bad.read_bytes() == b"garbage" * 1000
+
+
+def test_store_compact_needs_an_id_or_all(tmp_path: Path) -> None:
+    directory = _stores(tmp_path)
+    env = sds_env(SDS_PERSIST_DIR=str(directory))
+    for args in (("store", "compact"), ("store", "compact", "notes", "--all")):
+        result = run_sds(*args, env=env)
+        assert result.returncode == 2
+        one_error_line(result)
+    result = run_sds("store", "compact", "notes", "--wait", "soon", env=env)
+    assert result.returncode == 2
+    one_error_line(result)
+
+
+def test_store_compact_unknown_store_exits_1(tmp_path: Path) -> None:
+    directory = _stores(tmp_path)
+    before = db_digests(directory)
+    result = run_sds("store", "compact", "nope", env=sds_env(SDS_PERSIST_DIR=str(directory)))
+    assert result.returncode == 1
+    assert "unknown store" in one_error_line(result)
+    assert db_digests(directory) == before
+
+
+def test_store_compact_gives_up_when_neither_lock_nor_server_is_available(
+    tmp_path: Path,
+) -> None:
+    directory = _stores(tmp_path)
+    before = db_digests(directory)
+    fd = try_lock(directory / "notes.db", timeout=1)
+    try:
+        result = run_sds(
+            "store",
+            "compact",
+            "notes",
+            "--wait",
+            "0.5",
+            "--url",
+            "http://127.0.0.1:9",
+            env=sds_env(SDS_PERSIST_DIR=str(directory), SDS_JWT_SECRET="s" * 40),
+        )
+    finally:
+        os.close(fd)
+    assert result.returncode == 1
+    line = one_error_line(result)
+    assert "within 0.5s" in line
+    assert db_digests(directory) == before
+
+
+async def test_store_compact_all_then_a_new_server_replays_distinct_patches(
+    tmp_path: Path, make_server: ServerFactory
+) -> None:
+    directory = tmp_path / "stores"
+    directory.mkdir()
+    write_store(directory / "notes.db", "notes", [b"a", b"b", b"a", b"c", b"b"])
+    write_store(directory / "todo.db", "todo", [b"x", b"x"])
+    code, output = _invoke("store", "compact", "--all", "--json", persist=directory)
+    assert code == 0, output
+    results = json.loads(output)["results"]
+    assert sum(r["duplicates_removed"] for r in results) == 3
+    server = await make_server(persist=True)
+    assert server.config.persist_dir == directory
+    async with server.client("notes", "read") as joiner:
+        assert await joiner.receive_all(0.4) == [b"\x01a", b"\x01b", b"\x01c"]
+    async with server.client("todo", "read") as joiner:
+        assert await joiner.receive_all(0.4) == [b"\x01x"]
+
+
+def test_store_help_lists_examples_and_env_vars() -> None:
+    for command in ("list", "inspect", "compact"):
+        code, output = _invoke("store", command, "--help")
+        assert code == 0
+        assert "Examples:" in output and "SDS_PERSIST_DIR" in output
+    code, output = _invoke("store", "compact", "--help")
+    assert "SDS_URL" in output and "SDS_JWT_SECRET" in output

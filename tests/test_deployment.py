@@ -1,0 +1,154 @@
+"""deployment/: each config checked by the tool that runs it, when that tool is installed."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOYMENT = ROOT / "deployment"
+SDS_BIN = str(Path(sys.executable).parent / "sds")
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name) or (
+        f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
+    )
+    if path is None:
+        pytest.skip(f"{name} is not installed (apt-get install {name})")
+    return path
+
+
+def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", **env},
+    )
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    analyze = _tool("systemd-analyze")
+    unit = (DEPLOYMENT / "sds.service").read_text()
+    for option in ("ProtectSystem=strict", "ReadWritePaths=/var/lib/sds", "NoNewPrivileges=yes"):
+        assert option in unit
+    assert "LoadCredential=jwt-secret:" in unit and "SDS_JWT_SECRET_FILE=%d/jwt-secret" in unit
+    (tmp_path / "sds.service").write_text(unit.replace("/opt/sds/venv/bin/sds", SDS_BIN))
+    result = _run([analyze, "verify", str(tmp_path / "sds.service")], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "sds.service" not in result.stderr, result.stderr
+
+
+def test_nginx_site_config_passes_nginx_t(tmp_path: Path) -> None:
+    nginx = _tool("nginx")
+    openssl = _tool("openssl")
+    keys = _run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=t",
+            "-keyout",
+            str(tmp_path / "key.pem"),
+            "-out",
+            str(tmp_path / "cert.pem"),
+        ],
+        tmp_path,
+    )
+    assert keys.returncode == 0, keys.stderr
+    site = (DEPLOYMENT / "nginx" / "sds.conf").read_text()
+    assert "$request_uri" not in site.split("log_format", 1)[1].split(";", 1)[0]
+    site = (
+        site.replace(
+            "/etc/letsencrypt/live/sds.example.com/fullchain.pem", str(tmp_path / "cert.pem")
+        )
+        .replace("/etc/letsencrypt/live/sds.example.com/privkey.pem", str(tmp_path / "key.pem"))
+        .replace("/var/log/nginx/", f"{tmp_path}/")
+    )
+    (tmp_path / "site.conf").write_text(site)
+    temp = tmp_path / "tmp"
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+        f"http {{\n  access_log off;\n  client_body_temp_path {temp}; proxy_temp_path {temp};\n"
+        f"  fastcgi_temp_path {temp}; uwsgi_temp_path {temp}; scgi_temp_path {temp};\n"
+        f"  include {tmp_path}/site.conf;\n}}\n"
+    )
+    result = _run([nginx, "-t", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    for location in (
+        "location /ws/",
+        "location /signal/",
+        "location /api/",
+        "= /healthz",
+        "= /metrics",
+    ):
+        assert location in site
+
+
+def test_caddyfile_validates(tmp_path: Path) -> None:
+    caddy = _tool("caddy")
+    caddyfile = (DEPLOYMENT / "Caddyfile").read_text()
+    assert "delete token" in caddyfile
+    (tmp_path / "Caddyfile").write_text(caddyfile.replace("/var/log/caddy/", f"{tmp_path}/"))
+    result = _run(
+        [caddy, "validate", "--config", "Caddyfile", "--adapter", "caddyfile"],
+        tmp_path,
+        HOME=str(tmp_path),
+        XDG_DATA_HOME=str(tmp_path),
+        XDG_CONFIG_HOME=str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_dockerfile_runs_sds_serve_as_a_user_with_a_healthcheck() -> None:
+    lines = [
+        line.strip()
+        for line in (DEPLOYMENT / "Dockerfile").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    instructions = [line.split()[0] for line in lines if line.split()[0].isupper()]
+    assert instructions[0] == "FROM"
+    for needed in ("USER", "HEALTHCHECK", "CMD", "EXPOSE", "VOLUME"):
+        assert needed in instructions
+    assert any(line.startswith("CMD") and '"serve"' in line for line in lines)
+    assert any("/healthz" in line for line in lines)
+    for copied in ("pyproject.toml", "sds", "scripts"):
+        assert (ROOT / copied).exists()
+
+
+def test_compose_file_has_a_service_with_healthcheck_secret_and_volume() -> None:
+    text = (DEPLOYMENT / "compose.yaml").read_text()
+    try:
+        import yaml  # type: ignore[import-untyped]
+    except ImportError:
+        for key in ("services:", "  sds:", "    healthcheck:", "secrets:", "volumes:", "/healthz"):
+            assert key in text
+        assert "\t" not in text
+        return
+    data = yaml.safe_load(text)
+    service = data["services"]["sds"]
+    assert "/healthz" in " ".join(service["healthcheck"]["test"])
+    assert service["ports"] == ["127.0.0.1:3000:3000"]
+    assert service["environment"]["SDS_JWT_SECRET_FILE"].startswith("/run/secrets/")
+    assert "sds_jwt_secret" in data["secrets"] and "sds-data" in data["volumes"]
+    assert (DEPLOYMENT / service["build"]["dockerfile"].split("/")[-1]).exists()
+
+
+def test_cron_file_runs_the_backup_script() -> None:
+    cron = (DEPLOYMENT / "sds-backup.cron").read_text()
+    assert "scripts/backup.sh" in cron and "--keep" in cron
+    assert (ROOT / "scripts" / "backup.sh").exists()

@@ -1,0 +1,107 @@
+"""`sds watch` as a real subprocess against a running server."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+
+from sds.cli.watch import describe_frame, watch_url
+from tests.conftest import RunningServer
+from tests.ops_helpers import SDS, SUBPROCESS_TIMEOUT, one_error_line, run_sds_async, sds_env
+
+LINE_TIMEOUT = 10.0
+
+
+def test_describe_frame_names_the_type_and_shows_presence() -> None:
+    when = dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    assert describe_frame(b"\x01abc", when) == {
+        "time": "2025-01-02T03:04:05.000+00:00",
+        "type": "PATCH",
+        "type_byte": 1,
+        "bytes": 4,
+    }
+    presence = describe_frame(b"\x04" + json.dumps({"name": "ann"}).encode(), when)
+    assert presence["type"] == "PRESENCE" and presence["presence"] == {"name": "ann"}
+    assert describe_frame(b"\x04\xff", when)["presence_error"]
+    assert describe_frame(b"\x7f", when)["type"] == "0x7f"
+    assert watch_url("http://h:1") == "ws://h:1" and watch_url("https://h") == "wss://h"
+
+
+async def test_watch_prints_each_frame_live_as_json(server: RunningServer) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *SDS,
+        "watch",
+        "w",
+        "--url",
+        server.http_url,
+        "--json",
+        "--count",
+        "3",
+        env=sds_env(SDS_TOKEN=server.token("w", "read", "watcher")),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stderr is not None and process.stdout is not None
+        ready = await asyncio.wait_for(process.stderr.readline(), LINE_TIMEOUT)
+        assert b"watching store 'w'" in ready
+        writer = await server.connect("w", sub="writer")
+        await writer.send(b"\x01" + b"p" * 99)
+        await writer.send(b"\x04" + json.dumps({"cursor": [1, 2]}).encode())
+        await writer.send(b"\x06")
+        lines = [
+            json.loads(await asyncio.wait_for(process.stdout.readline(), LINE_TIMEOUT))
+            for _ in range(3)
+        ]
+        assert [(line["type"], line["bytes"]) for line in lines] == [
+            ("PATCH", 100),
+            ("PRESENCE", 19),
+            ("SYNC_REQ", 1),
+        ]
+        assert lines[1]["presence"] == {"cursor": [1, 2]}
+        assert await asyncio.wait_for(process.wait(), LINE_TIMEOUT) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_watch_human_output_shows_type_and_size(persistent_server: RunningServer) -> None:
+    server = persistent_server
+    writer = await server.connect("h", sub="writer")
+    peer = await server.connect("h", "read")
+    await writer.send(b"\x01" + b"x" * 9)
+    await peer.receive(timeout=5)
+    result = await asyncio.wait_for(
+        run_sds_async(
+            "watch",
+            "h",
+            "--token",
+            server.token("h", "read"),
+            "--url",
+            server.ws_url,
+            "--count",
+            "1",
+        ),
+        SUBPROCESS_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "PATCH" in result.stdout and "10 B" in result.stdout
+
+
+async def test_watch_with_a_refused_token_exits_1_with_one_line(server: RunningServer) -> None:
+    result = await run_sds_async(
+        "watch", "w", "--token", server.token("other"), "--url", server.http_url
+    )
+    assert result.returncode == 1
+    assert "HTTP 403" in one_error_line(result)
+
+
+async def test_watch_without_a_server_or_token_fails_cleanly() -> None:
+    result = await run_sds_async("watch", "w", "--token", "t", "--url", "http://127.0.0.1:9")
+    assert result.returncode == 1
+    assert "cannot connect" in one_error_line(result)
+    missing = await run_sds_async("watch", "w")
+    assert missing.returncode == 2
+    one_error_line(missing)
