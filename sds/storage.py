@@ -268,17 +268,17 @@ class StoreFile:
             self.metrics.commit_queue_depth -= len(batch)
 
     async def _write_batch(self, batch: list[Write]) -> None:
-        """Insert the batch in order; consecutive patches go in one executemany."""
+        """Insert the batch in order; runs of patches go in multi-row INSERTs."""
         for store_id in {write.store_id for write in batch}:
             await self._load_clock(store_id)
         clocks = self._clocks
-        patches: list[tuple[str, int, bytes]] = []
+        patches: list[object] = []
         for write in batch:
             if write.kind == "patch":
                 clock = clocks[write.store_id] + 1
                 clocks[write.store_id] = clock
                 write.clock = clock
-                patches.append((write.store_id, clock, write.data))
+                patches += (write.store_id, clock, write.data)
                 continue
             if patches:
                 await self._insert_patches(patches)
@@ -302,20 +302,18 @@ class StoreFile:
         if patches:
             await self._insert_patches(patches)
 
-    async def _insert_patches(self, rows: list[tuple[str, int, bytes]]) -> None:
-        """Insert patch rows, 64 per statement: a third cheaper than one row per statement."""
-        full = len(rows) - len(rows) % ROWS_PER_INSERT
+    async def _insert_patches(self, params: list[object]) -> None:
+        """Insert patch rows (flat store_id, clock, data triples), 64 rows per statement.
+
+        Multi-row statements cost about a third less per row than one row each.
+        """
+        step = 3 * ROWS_PER_INSERT
+        full = len(params) - len(params) % step
         if full:
-            groups = [
-                [value for row in rows[start : start + ROWS_PER_INSERT] for value in row]
-                for start in range(0, full, ROWS_PER_INSERT)
-            ]
+            groups = [params[start : start + step] for start in range(0, full, step)]
             await self._db.executemany(_insert_statement(ROWS_PER_INSERT), groups)
-        if full < len(rows):
-            rest = rows[full:]
-            await self._db.execute(
-                _insert_statement(len(rest)), [value for row in rest for value in row]
-            )
+        if full < len(params):
+            await self._db.execute(_insert_statement((len(params) - full) // 3), params[full:])
 
     async def read_blob(self, key: str) -> bytes | None:
         """The stored value for a key (hex), or None."""
