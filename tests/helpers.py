@@ -140,8 +140,12 @@ def spawn_server(
     port: int | None = None,
     log_dir: Path | None = None,
     wait: bool = True,
+    port_option: bool = True,
 ) -> Iterator[ServerProcess]:
     """`sds serve ARGS --port PORT` in a subprocess, ready when entered, stopped on exit.
+
+    With ``port_option=False`` no --port is passed: the server must find its port
+    elsewhere (SDS_PORT in ``env``), and ``port`` says which one to expect.
 
     stdout and stderr go to files in ``log_dir`` (default: ``cwd`` or the current
     directory) so a chatty server never blocks on a full pipe. Retries once on
@@ -156,7 +160,7 @@ def spawn_server(
         err = base / f"sds-serve-{chosen}.err"
         with out.open("wb") as out_file, err.open("wb") as err_file:
             process = subprocess.Popen(
-                [*SDS, "serve", *args, "--port", str(chosen)],
+                [*SDS, "serve", *args, *(["--port", str(chosen)] if port_option else [])],
                 env=dict(env) if env is not None else clean_env(secret=TEST_SECRET),
                 cwd=cwd,
                 stdout=out_file,
