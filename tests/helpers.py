@@ -193,3 +193,34 @@ def _kill(server: ServerProcess) -> None:
     except subprocess.TimeoutExpired:
         server.process.kill()
         server.process.wait(timeout=5)
+
+
+async def upgrade_request(
+    url: str, *, headers: Mapping[str, str] | None = None, timeout: float = 10.0
+) -> tuple[int, Any, Mapping[str, str]]:
+    """Send a WebSocket upgrade request by hand: (status, JSON body or None, headers).
+
+    For refusals, where aiohttp's ws_connect hides the body. An accepted request
+    answers 101 and is closed at once.
+    """
+    import aiohttp
+
+    request_headers = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        **(headers or {}),
+    }
+    client_timeout = aiohttp.ClientTimeout(total=timeout)
+    async with (
+        aiohttp.ClientSession(timeout=client_timeout) as session,
+        session.get(url, headers=request_headers) as response,
+    ):
+        if response.status == 101:
+            return 101, None, response.headers
+        try:
+            body = await response.json(content_type=None)
+        except ValueError:
+            body = None
+        return response.status, body, response.headers
