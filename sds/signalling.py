@@ -119,7 +119,7 @@ async def signal_handler(request: web.Request) -> web.StreamResponse:
         raise http_error(503, "signalling room is at its connection limit")
 
     ws = web.WebSocketResponse(
-        max_msg_size=config.max_frame_bytes,
+        max_msg_size=config.ws_max_msg_size,
         heartbeat=config.heartbeat,
         compress=config.permessage_deflate,
     )
