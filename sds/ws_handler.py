@@ -47,7 +47,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     client: Client | None = None
     try:
         ws = web.WebSocketResponse(
-            max_msg_size=config.max_frame_bytes,
+            max_msg_size=config.ws_max_msg_size,
             heartbeat=config.heartbeat,
             compress=config.permessage_deflate,
             autoping=True,
