@@ -157,10 +157,17 @@ class Setting:
     help: str
     metavar: str = "N"
     multiple: bool = False
+    flag: str | None = None
+    """The option's spelling when it is not the field name with dashes."""
 
     @property
     def option(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def is_flag(self) -> bool:
+        """An on/off option given without a value (``--permessage-deflate``)."""
+        return self.parse is _parse_bool
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -278,6 +285,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Browser Origin allowed to connect (repeatable; env: comma-separated). Default: any.",
         "ORIGIN",
         multiple=True,
+        flag="--allowed-origin",
     ),
     Setting(
         "permessage_deflate",

@@ -231,3 +231,46 @@ async def test_sds_serve_reads_environment_and_options_win(tmp_path: Path) -> No
 
         assert await asyncio.wait_for(status_for("from-option"), 10) == 101
         assert await asyncio.wait_for(status_for("from-env"), 10) == 401
+
+
+def serve_options(args: list[str]) -> dict[str, object]:
+    """What `sds serve ARGS` passes to the config, parsed by click without running."""
+    from sds.cli.serve import serve
+
+    params = dict(serve.make_context("serve", args).params)
+    params.pop("dev")
+    return params
+
+
+def test_serve_cli_spells_options_as_the_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sds.cli.options import config_from
+
+    monkeypatch.setenv("SDS_JWT_SECRET", SECRET)
+    for name in ("SDS_ALLOWED_ORIGINS", "SDS_PERMESSAGE_DEFLATE", "SDS_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    config = config_from(
+        serve_options(
+            [
+                "--allowed-origin",
+                "https://a.example",
+                "--allowed-origin",
+                "https://b.example",
+                "--permessage-deflate",
+                "--port",
+                "4444",
+            ]
+        )
+    )
+    assert config.allowed_origins == ("https://a.example", "https://b.example")
+    assert config.permessage_deflate is True
+    assert config.port == 4444
+    assert config_from(serve_options([])).permessage_deflate is False
+
+
+def test_every_setting_is_an_option_of_serve() -> None:
+    from sds.cli.serve import serve
+
+    flags = {flag for param in serve.params for flag in getattr(param, "opts", [])}
+    for setting in SETTINGS:
+        assert setting.option in flags
+    assert "--jwt-secret-file" in flags
