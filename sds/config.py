@@ -55,15 +55,6 @@ class Config:
     log_format: str = "text"
     log_level: str = "info"
 
-    @property
-    def ws_max_msg_size(self) -> int:
-        """aiohttp's ``max_msg_size`` that accepts frames of exactly ``max_frame_bytes``.
-
-        aiohttp refuses an uncompressed message whose length is >= max_msg_size but a
-        decompressed one only when it is > max_msg_size.
-        """
-        return self.max_frame_bytes + (0 if self.permessage_deflate else 1)
-
     def replace(self, **changes: Any) -> Config:
         """A copy with some values changed (validated again)."""
         new = dataclasses.replace(self, **changes)
