@@ -369,12 +369,13 @@ def _from_environ(setting: Setting, environ: Mapping[str, str]) -> tuple[str | N
 
 
 def _parse_value(setting: Setting, raw: Any, source: str) -> Any:
-    if not isinstance(raw, str | tuple | list):
-        return raw
+    """Parse a string (or, for a repeatable option, each string); typed values pass as they are."""
     try:
         if setting.multiple and isinstance(raw, tuple | list):
             return tuple(item for text in raw for item in setting.parse(text))
-        return setting.parse(raw)
+        if isinstance(raw, str):
+            return setting.parse(raw)
+        return raw
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
 

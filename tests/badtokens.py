@@ -74,7 +74,9 @@ def refused_tokens(secret: str, store_id: str) -> dict[str, str]:
     good = signed(secret, claims_for(store_id))
     return {
         "alg_none": forge({"alg": "none", "typ": "JWT"}, claims_for(store_id), None),
-        "alg_none_with_signature": forge({"alg": "none", "typ": "JWT"}, claims_for(store_id), secret),
+        "alg_none_with_signature": forge(
+            {"alg": "none", "typ": "JWT"}, claims_for(store_id), secret
+        ),
         "hs512": signed(secret, claims_for(store_id), "HS512"),
         "hs384": signed(secret, claims_for(store_id), "HS384"),
         "rs256_header": forge({"alg": "RS256", "typ": "JWT"}, claims_for(store_id), secret),

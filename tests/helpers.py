@@ -35,7 +35,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def clean_env(extra: Mapping[str, str] | None = None, *, secret: str | None = None) -> dict[str, str]:
+def clean_env(
+    extra: Mapping[str, str] | None = None, *, secret: str | None = None
+) -> dict[str, str]:
     """The environment of a child `sds`: no inherited SDS_* variables, plus ``extra``.
 
     ``secret`` sets SDS_JWT_SECRET; pass None to leave it out.

@@ -152,7 +152,9 @@ async def test_unicode_and_space_store_ids(server: RunningServer) -> None:
 
 
 async def test_store_id_too_long_is_400(server: RunningServer) -> None:
-    status, body, headers = await upgrade_request(ws_url(server, "x" * 129, server.token("x" * 129)))
+    status, body, headers = await upgrade_request(
+        ws_url(server, "x" * 129, server.token("x" * 129))
+    )
     assert_refused(status, body, headers, 400)
     status, _, _ = await upgrade_request(ws_url(server, "x" * 128, server.token("x" * 128)))
     assert status == 101
@@ -188,9 +190,11 @@ async def test_any_origin_by_default(server: RunningServer) -> None:
 async def test_refusals_are_counted_by_reason_in_metrics(server: RunningServer) -> None:
     await upgrade_request(ws_url(server, STORE, BAD["expired"]))
     await upgrade_request(ws_url(server, STORE, server.token("elsewhere")))
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{server.http_url}/metrics") as response:
-            text = await response.text()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{server.http_url}/metrics") as response,
+    ):
+        text = await response.text()
     assert 'reason="expired"' in text
     assert 'reason="wrong_store"' in text
     assert STORE not in text

@@ -19,9 +19,10 @@ from tests.badtokens import claims_for, signed, tamper_signature
 from tests.helpers import TEST_SECRET, clean_env, run_sds
 
 SECRET = "cli-token-test-secret-0123456789abcdefghij"
-UNSET: dict[str, str | None] = {
-    name: None for setting in SETTINGS for name in setting.env
-} | {SECRET_ENV: None, SECRET_FILE_ENV: None}
+UNSET: dict[str, str | None] = {name: None for setting in SETTINGS for name in setting.env} | {
+    SECRET_ENV: None,
+    SECRET_FILE_ENV: None,
+}
 
 
 def sds(*args: str, **env: str) -> Result:
@@ -31,7 +32,9 @@ def sds(*args: str, **env: str) -> Result:
 
 def mint(*extra: str, **env: str) -> Result:
     env.setdefault(SECRET_ENV, SECRET)
-    return sds("token", "mint", "--store", "notes", "--scope", "write", "--sub", "ann", *extra, **env)
+    return sds(
+        "token", "mint", "--store", "notes", "--scope", "write", "--sub", "ann", *extra, **env
+    )
 
 
 def claims_of(token: str) -> dict[str, Any]:
@@ -100,14 +103,18 @@ def test_mint_reads_secret_files(tmp_path: Path) -> None:
     ],
     ids=["no_secret", "short_secret", "bad_exp", "exp_without_unit", "negative_exp", "blank_sub"],
 )
-def test_mint_config_errors_exit_2_without_output(args: tuple[str, ...], env: dict[str, str]) -> None:
+def test_mint_config_errors_exit_2_without_output(
+    args: tuple[str, ...], env: dict[str, str]
+) -> None:
     result = mint(*args, **env)
     assert result.exit_code == 2
     assert result.stdout == ""
 
 
 def test_mint_unknown_scope_is_a_usage_error() -> None:
-    result = sds("token", "mint", "--store", "s", "--scope", "owner", "--sub", "a", SDS_JWT_SECRET=SECRET)
+    result = sds(
+        "token", "mint", "--store", "s", "--scope", "owner", "--sub", "a", SDS_JWT_SECRET=SECRET
+    )
     assert result.exit_code == 2
 
 
@@ -202,7 +209,9 @@ def test_real_process_mint_is_bare_and_errors_are_one_line(tmp_path: Path) -> No
     inspected = run_sds(["token", "inspect", token], env=clean_env(secret=TEST_SECRET))
     assert inspected.returncode == 0
 
-    bad = run_sds(["token", "mint", "--store", "n", "--scope", "read", "--sub", "x"], env=clean_env())
+    bad = run_sds(
+        ["token", "mint", "--store", "n", "--scope", "read", "--sub", "x"], env=clean_env()
+    )
     assert bad.returncode == 2
     assert len(bad.stderr.strip().splitlines()) == 1
     assert "Traceback" not in bad.stderr
@@ -211,6 +220,8 @@ def test_real_process_mint_is_bare_and_errors_are_one_line(tmp_path: Path) -> No
     assert invalid.returncode == 1
     assert len(invalid.stderr.strip().splitlines()) == 1
 
-    forged = run_sds(["token", "inspect", "--json", tamper_signature(token)], env=clean_env(secret=TEST_SECRET))
+    forged = run_sds(
+        ["token", "inspect", "--json", tamper_signature(token)], env=clean_env(secret=TEST_SECRET)
+    )
     assert forged.returncode == 1
     assert json.loads(forged.stdout)["valid"] is False

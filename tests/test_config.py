@@ -82,9 +82,7 @@ def test_option_beats_environment() -> None:
 
 
 def test_option_not_given_falls_back_to_environment() -> None:
-    config = load_config(
-        {"port": None, "allowed_origins": ()}, environ={**ENV, "SDS_PORT": "4100"}
-    )
+    config = load_config({"port": None, "allowed_origins": ()}, environ={**ENV, "SDS_PORT": "4100"})
     assert config.port == 4100
 
 

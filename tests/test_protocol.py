@@ -87,7 +87,15 @@ def test_parse_chunk_accepts_an_empty_body_and_any_key_bytes() -> None:
         b"\x05",
         b"\x02" + chunk(0, 1)[1:],
     ],
-    ids=["count0", "index_eq_count", "index_gt_count", "too_big", "short", "type_only", "not_chunk"],
+    ids=[
+        "count0",
+        "index_eq_count",
+        "index_gt_count",
+        "too_big",
+        "short",
+        "type_only",
+        "not_chunk",
+    ],
 )
 def test_malformed_chunks_are_none(frame: bytes) -> None:
     assert parse_chunk(frame) is None

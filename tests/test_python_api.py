@@ -114,10 +114,12 @@ async def test_create_app_serves_the_relay(tmp_path: Path) -> None:
     await server.start_server()
     try:
         base = f"ws://127.0.0.1:{server.port}"
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{server.port}/healthz") as response:
-                assert response.status == 200
-                assert (await response.json())["persistence"] is True
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{server.port}/healthz") as response,
+        ):
+            assert response.status == 200
+            assert (await response.json())["persistence"] is True
         token = sds.mint_token(SECRET, store_id="api", scope="write", sub="py")
         async with StoreClient(base, "api", token) as a, StoreClient(base, "api", token) as b:
             await a.send(b"\x01from-python")

@@ -145,21 +145,21 @@ async def test_frame_limit_is_inclusive_and_larger_closes_1009(
     server = await make_server(max_frame_bytes=1024, permessage_deflate=deflate)
     url = f"{server.ws_url}/ws/big?token={server.token('big')}"
     compress = 15 if deflate else 0
-    async with aiohttp.ClientSession() as session:
-        async with (
-            session.ws_connect(url, compress=compress) as sender,
-            session.ws_connect(url, compress=compress) as peer,
-        ):
-            at_limit = b"\x01" + bytes(range(256)) * 4
-            await sender.send_bytes(at_limit[:1024])
-            assert (await peer.receive(timeout=5)).data == at_limit[:1024]
-            await sender.send_bytes(b"\x01" + b"x" * 1024)
-            msg = await sender.receive(timeout=5)
-            assert msg.type is aiohttp.WSMsgType.CLOSE
-            assert msg.data == 1009
-            with pytest.raises(TimeoutError):
-                await peer.receive(timeout=0.3)
-            assert not peer.closed
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url, compress=compress) as sender,
+        session.ws_connect(url, compress=compress) as peer,
+    ):
+        at_limit = b"\x01" + bytes(range(256)) * 4
+        await sender.send_bytes(at_limit[:1024])
+        assert (await peer.receive(timeout=5)).data == at_limit[:1024]
+        await sender.send_bytes(b"\x01" + b"x" * 1024)
+        msg = await sender.receive(timeout=5)
+        assert msg.type is aiohttp.WSMsgType.CLOSE
+        assert msg.data == 1009
+        with pytest.raises(TimeoutError):
+            await peer.receive(timeout=0.3)
+        assert not peer.closed
 
 
 async def test_connection_closes_4001_when_token_expires(server: RunningServer) -> None:
@@ -182,27 +182,27 @@ async def test_permessage_deflate_not_negotiated_by_default(server: RunningServe
 async def test_frame_at_the_limit_is_relayed_with_deflate(make_server: ServerFactory) -> None:
     server = await make_server(max_frame_bytes=1024, permessage_deflate=True)
     url = f"{server.ws_url}/ws/edge?token={server.token('edge')}"
-    async with aiohttp.ClientSession() as session:
-        async with (
-            session.ws_connect(url, compress=15) as sender,
-            session.ws_connect(url, compress=15) as peer,
-        ):
-            frame = (b"\x01" + bytes(range(256)) * 4)[:1024]
-            await sender.send_bytes(frame)
-            assert (await peer.receive(timeout=5)).data == frame
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url, compress=15) as sender,
+        session.ws_connect(url, compress=15) as peer,
+    ):
+        frame = (b"\x01" + bytes(range(256)) * 4)[:1024]
+        await sender.send_bytes(frame)
+        assert (await peer.receive(timeout=5)).data == frame
 
 
 async def test_permessage_deflate_when_enabled_still_relays(make_server: ServerFactory) -> None:
     server = await make_server(permessage_deflate=True)
     url = f"{server.ws_url}/ws/zip?token={server.token('zip')}"
-    async with aiohttp.ClientSession() as session:
-        async with (
-            session.ws_connect(url, compress=15) as sender,
-            session.ws_connect(url, compress=15) as receiver,
-        ):
-            extensions = sender._response.headers.get("Sec-WebSocket-Extensions", "")
-            assert "permessage-deflate" in extensions
-            payload = b"\x01" + b"compressible " * 1000
-            await sender.send_bytes(payload)
-            msg = await receiver.receive(timeout=5)
-            assert msg.data == payload
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url, compress=15) as sender,
+        session.ws_connect(url, compress=15) as receiver,
+    ):
+        extensions = sender._response.headers.get("Sec-WebSocket-Extensions", "")
+        assert "permessage-deflate" in extensions
+        payload = b"\x01" + b"compressible " * 1000
+        await sender.send_bytes(payload)
+        msg = await receiver.receive(timeout=5)
+        assert msg.data == payload

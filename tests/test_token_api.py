@@ -160,7 +160,9 @@ async def test_admin_token_in_query_is_not_accepted(
         assert response.status == 401
 
 
-@pytest.mark.parametrize("name", ["alg_none", "expired", "tampered_payload", "garbage", "aud_a_list"])
+@pytest.mark.parametrize(
+    "name", ["alg_none", "expired", "tampered_payload", "garbage", "aud_a_list"]
+)
 async def test_invalid_bearer_is_401(
     server: RunningServer, session: aiohttp.ClientSession, name: str
 ) -> None:

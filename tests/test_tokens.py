@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -179,8 +180,27 @@ def test_json_number_is_seconds() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["", "3600", "h", "1 fortnight", "-1h", "0s", "1e3s", "1h30m", "abc", "1..5h", "0", 0, -5,
-     True, float("nan"), float("inf"), None, [], "101y"],
+    [
+        "",
+        "3600",
+        "h",
+        "1 fortnight",
+        "-1h",
+        "0s",
+        "1e3s",
+        "1h30m",
+        "abc",
+        "1..5h",
+        "0",
+        0,
+        -5,
+        True,
+        float("nan"),
+        float("inf"),
+        None,
+        [],
+        "101y",
+    ],
 )
 def test_unparsable_duration_raises_value_error(value: object) -> None:
     with pytest.raises(ValueError):
@@ -208,7 +228,5 @@ def test_number_and_unit_multiply(number: int, unit: tuple[str, int]) -> None:
 
 @given(st.text(alphabet="0123456789. smhdwyaeiknorsu", max_size=12))
 def test_duration_like_text_never_raises_anything_else(text: str) -> None:
-    try:
+    with contextlib.suppress(ValueError):
         assert parse_duration(text) > 0
-    except ValueError:
-        pass
