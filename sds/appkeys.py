@@ -13,7 +13,9 @@ from sds.config import Config
 from sds.metrics import Metrics
 
 if TYPE_CHECKING:
-    from sds.relay import Client
+    from sds.relay import Client, Relay
+    from sds.signalling import Signalling
+    from sds.storage import Storage
 
 
 @dataclass
@@ -30,6 +32,7 @@ class ServerState:
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", ServerState)
-RELAY = web.AppKey("relay", "Relay")
-STORAGE = web.AppKey("storage", "Storage | None")
-SIGNALLING = web.AppKey("signalling", "Signalling")
+# Annotated rather than passed a class: these modules import this one.
+RELAY: web.AppKey[Relay] = web.AppKey("relay")
+STORAGE: web.AppKey[Storage | None] = web.AppKey("storage")
+SIGNALLING: web.AppKey[Signalling] = web.AppKey("signalling")
