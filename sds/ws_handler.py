@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
@@ -192,7 +194,7 @@ async def _answer_value_request(store: LiveStore, client: Client, key: str) -> N
 _tasks: set[asyncio.Task[None]] = set()
 
 
-def _spawn(coro: object) -> None:
-    task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+def _spawn(coro: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.ensure_future(coro)
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)
