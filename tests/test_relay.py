@@ -154,7 +154,7 @@ async def test_frame_limit_is_inclusive_and_larger_closes_1009(
         await sender.send_bytes(at_limit[:1024])
         assert (await peer.receive(timeout=5)).data == at_limit[:1024]
         await sender.send_bytes(b"\x01" + b"x" * 1024)
-        msg = await sender.receive(timeout=5)
+        msg = await sender.receive(timeout=2)
         assert msg.type is aiohttp.WSMsgType.CLOSE
         assert msg.data == 1009
         with pytest.raises(TimeoutError):
