@@ -32,6 +32,7 @@ class ServerState:
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", ServerState)
+# Annotated rather than passed a class: these modules import this one.
 RELAY: web.AppKey[Relay] = web.AppKey("relay")
 STORAGE: web.AppKey[Storage | None] = web.AppKey("storage")
 SIGNALLING: web.AppKey[Signalling] = web.AppKey("signalling")

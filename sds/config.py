@@ -148,10 +148,17 @@ class Setting:
     help: str
     metavar: str = "N"
     multiple: bool = False
+    flag: str | None = None
+    """The option's spelling when it is not the field name with dashes."""
 
     @property
     def option(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def is_flag(self) -> bool:
+        """An on/off option given without a value (``--permessage-deflate``)."""
+        return self.parse is _parse_bool
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -269,6 +276,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Browser Origin allowed to connect (repeatable; env: comma-separated). Default: any.",
         "ORIGIN",
         multiple=True,
+        flag="--allowed-origin",
     ),
     Setting(
         "permessage_deflate",
@@ -361,12 +369,13 @@ def _from_environ(setting: Setting, environ: Mapping[str, str]) -> tuple[str | N
 
 
 def _parse_value(setting: Setting, raw: Any, source: str) -> Any:
-    if not isinstance(raw, str | tuple | list):
-        return raw
+    """Parse a string (or, for a repeatable option, each string); typed values pass as they are."""
     try:
         if setting.multiple and isinstance(raw, tuple | list):
             return tuple(item for text in raw for item in setting.parse(text))
-        return setting.parse(str(raw))
+        if isinstance(raw, str):
+            return setting.parse(raw)
+        return raw
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
 

@@ -119,7 +119,8 @@ async def signal_handler(request: web.Request) -> web.StreamResponse:
         raise http_error(503, "signalling room is at its connection limit")
 
     ws = web.WebSocketResponse(
-        max_msg_size=config.max_frame_bytes,
+        # aiohttp refuses a frame of exactly max_msg_size; the limit is the largest accepted
+        max_msg_size=config.max_frame_bytes + 1,
         heartbeat=config.heartbeat,
         compress=config.permessage_deflate,
     )

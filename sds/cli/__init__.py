@@ -42,7 +42,9 @@ cli.add_command(watch_command)
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every error is one line on stderr; exit 0 ok, 1 failure, 2 usage/config."""
     try:
-        cli.main(args=argv, prog_name="sds", standalone_mode=False)
+        # Without standalone mode click *returns* the code of a raised Exit (e.g.
+        # `sds token inspect` of an invalid token) instead of exiting with it.
+        result = cli.main(args=argv, prog_name="sds", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.Abort:
@@ -54,4 +56,4 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         click.echo(f"sds: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
-    sys.exit(EXIT_OK)
+    sys.exit(result if isinstance(result, int) else EXIT_OK)

@@ -55,13 +55,18 @@ def setting_options(*names: str, secret: bool = True) -> Callable[[F], F]:
         for name in reversed(names):
             setting = SETTINGS_BY_NAME[name]
             envs = ", ".join(setting.env)
+            # A flag passes the string "true" so it is parsed like its env var.
+            extra: dict[str, Any] = (
+                {"is_flag": True, "flag_value": "true"}
+                if setting.is_flag
+                else {"metavar": setting.metavar, "multiple": setting.multiple}
+            )
             function = click.option(
                 setting.option,
                 name,
-                metavar=setting.metavar,
                 default=None,
-                multiple=setting.multiple,
                 help=f"{setting.help} [env var: {envs}]",
+                **extra,
             )(function)
         if secret:
             function = click.option(

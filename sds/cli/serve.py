@@ -50,7 +50,15 @@ def serve(dev: bool, **options: Any) -> None:
     if dev:
         _print_dev_banner(config)
     _use_uvloop()
-    run(config)
+    try:
+        run(config)
+    except OSError as exc:
+        # Binding fails before anything is served (port taken, unknown host): a
+        # configuration problem for the operator, not a crash with a traceback.
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror
+        raise ConfigFailure(
+            f"cannot serve on {config.host}:{config.port}: {reason or exc}"
+        ) from None
 
 
 def _dev_config(options: dict[str, Any]) -> Config:
