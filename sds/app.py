@@ -59,8 +59,10 @@ def create_app(config: Config) -> web.Application:
     app[SIGNALLING] = Signalling(max_peers_per_room=config.max_connections_per_store)
     app.cleanup_ctx.append(_storage_and_relay)
     app.on_shutdown.append(_close_clients)
-    app.router.add_get("/ws/{store_id}", ws_handler)
-    app.router.add_get("/signal/{store_id}", signal_handler)
+    # The rest of the path is the store id: SDS clients do not percent-encode it,
+    # so an id with "/" arrives as several segments.
+    app.router.add_get("/ws/{store_id:.+}", ws_handler)
+    app.router.add_get("/signal/{store_id:.+}", signal_handler)
     app.router.add_post("/api/token", token_handler)
     app.router.add_post("/api/stores/{store_id}/compact", compact_handler)
     app.router.add_get("/healthz", healthz_handler)

@@ -206,3 +206,12 @@ async def test_client_sees_refusal_status(server: RunningServer) -> None:
     with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
         await client.connect()
     assert caught.value.status == 401
+
+
+async def test_unencoded_slash_is_part_of_the_store_id(server: RunningServer) -> None:
+    writer = await server.connect("team/notes")
+    status, _, _ = await upgrade_request(ws_url(server, "team/notes", server.token("team/notes")))
+    assert status == 101
+    async with server.client("team/notes") as peer:
+        await writer.send(b"\x01same store")
+        assert await peer.receive() == b"\x01same store"
