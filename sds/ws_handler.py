@@ -47,7 +47,8 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     client: Client | None = None
     try:
         ws = web.WebSocketResponse(
-            max_msg_size=config.max_frame_bytes,
+            # aiohttp refuses a frame of exactly max_msg_size; the limit is the largest accepted
+            max_msg_size=config.max_frame_bytes + 1,
             heartbeat=config.heartbeat,
             compress=config.permessage_deflate,
             autoping=True,
