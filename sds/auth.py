@@ -23,11 +23,18 @@ log = logging.getLogger(__name__)
 AUTH_LOG_INTERVAL = 60.0
 
 
+class _PayloadTooLarge(web.HTTPClientError):
+    """413 without aiohttp's required sizes (web.HTTPRequestEntityTooLarge wants them)."""
+
+    status_code = 413
+
+
 _ERRORS: dict[int, type[web.HTTPException]] = {
     400: web.HTTPBadRequest,
     401: web.HTTPUnauthorized,
     403: web.HTTPForbidden,
     404: web.HTTPNotFound,
+    413: _PayloadTooLarge,
     503: web.HTTPServiceUnavailable,
 }
 
