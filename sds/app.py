@@ -160,10 +160,10 @@ async def healthz_handler(request: web.Request) -> web.Response:
 
 async def metrics_handler(request: web.Request) -> web.Response:
     """Prometheus text exposition of the server's counters."""
-    from sds.metrics import render_prometheus
+    from sds.metrics import CONTENT_TYPE, render_prometheus
 
     body = render_prometheus(request.app[METRICS])
-    return web.Response(text=body, content_type="text/plain", charset="utf-8")
+    return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
 
 
 def run(config: Config, *, access_log: bool = True) -> None:
