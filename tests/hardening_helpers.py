@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,8 @@ class ServerProcess:
             if name not in (env or {}):
                 self.env.pop(name, None)
         self.process: subprocess.Popen[bytes] | None = None
+        self.preexec: Callable[[], None] | None = None
+        """Run in the child before exec (e.g. to set resource limits)."""
 
     @property
     def pid(self) -> int:
@@ -85,6 +87,7 @@ class ServerProcess:
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
                 env=self.env,
+                preexec_fn=self.preexec,
             )
         deadline = time.monotonic() + STARTUP_SECONDS
         while time.monotonic() < deadline:
