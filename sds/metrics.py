@@ -58,7 +58,7 @@ def render_prometheus(metrics: Metrics) -> str:
         return family
 
     class _Snapshot(Collector):
-        def collect(self) -> list[Metric]:  # type: ignore[override]
+        def collect(self) -> list[Metric]:
             m = metrics
             return [
                 gauge("sds_connections", "Open /ws connections.", m.connections_open),
