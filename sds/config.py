@@ -206,8 +206,7 @@ SETTINGS: tuple[Setting, ...] = (
         "max_connections_per_store",
         ("SDS_MAX_CONNECTIONS_PER_STORE",),
         _parse_int,
-        "Open connections to one store (or signalling room); more get HTTP 503 "
-        "before the upgrade.",
+        "Open connections to one store (or signalling room); more get HTTP 503 before the upgrade.",
     ),
     Setting(
         "max_client_buffer_bytes",

@@ -7,7 +7,6 @@ import logging
 import sys
 import time
 
-
 _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "message",
     "asctime",

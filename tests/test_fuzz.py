@@ -42,9 +42,7 @@ value = st.tuples(st.sampled_from(KEYS), st.binary(max_size=200)).map(
 )
 short_value = st.binary(max_size=KEY_BYTES).map(lambda b: b"\x02" + b)
 chunk = st.builds(
-    lambda key, index, count, body: (
-        b"\x05" + key + struct.pack(">II", index, count) + body
-    ),
+    lambda key, index, count, body: b"\x05" + key + struct.pack(">II", index, count) + body,
     st.sampled_from(KEYS),
     st.one_of(st.integers(0, 3), st.integers(0, 2**32 - 1)),
     st.one_of(st.integers(0, 3), st.integers(0, 2**32 - 1)),
@@ -150,9 +148,7 @@ async def test_random_writes_store_only_well_formed_values(
     persist = persistent_server.config.persist_dir
     assert persist is not None
     db = persist / store_filename(store)
-    patches = read_rows(
-        db, "SELECT data FROM patches WHERE store_id = ? ORDER BY clock", (store,)
-    )
+    patches = read_rows(db, "SELECT data FROM patches WHERE store_id = ? ORDER BY clock", (store,))
     assert [bytes(row[0]) for row in patches] == [f[1:] for f in binary if f[:1] == b"\x01"]
     assert read_rows(db, "SELECT count(*) FROM snapshots") == [(0,)]
     blobs = {key: bytes(data) for key, data in read_rows(db, "SELECT hash, data FROM blobs")}
@@ -331,13 +327,10 @@ async def test_random_token_api_bodies_get_200_or_400_never_500(
     assert status == _expected_token_status(raw), body
     if status == 200:
         request = json.loads(raw)
-        claims = jwt.decode(
-            body["token"], SECRET, algorithms=["HS256"], audience="fuzz-api"
-        )
+        claims = jwt.decode(body["token"], SECRET, algorithms=["HS256"], audience="fuzz-api")
         assert claims["aud"] == "fuzz-api"
         assert claims["sub"] == request["sub"]
         assert claims["scope"] == request["scope"]
     else:
         assert set(body) == {"error"}
     await _assert_healthy(server)
-

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sds.client import StoreClient
 from sds.tokens import mint_token
-from tests.conftest import SECRET, RunningServer, ServerFactory
+from tests.conftest import RunningServer, ServerFactory
 from tests.hardening_helpers import ServerProcess
 
 STORE = "zebra-store-7f3a9c"
@@ -177,9 +177,7 @@ async def test_metrics_count_traffic_drops_and_refusals_without_ids(
         assert _value(samples, "sds_frames_dropped_total", reason=reason) == 1, reason
     for reason, _ in refusals:
         assert _value(samples, "sds_auth_failures_total", reason=reason) == 1, reason
-    assert (
-        _value(samples, "sds_connections_refused_total", reason="max_connections_per_store") == 1
-    )
+    assert _value(samples, "sds_connections_refused_total", reason="max_connections_per_store") == 1
     assert _value(samples, "sds_storage_commits_total") >= 1
     assert _value(samples, "sds_storage_commit_seconds_total") > 0
     assert ("sds_storage_queue_depth", ()) in samples
@@ -207,9 +205,7 @@ async def test_metrics_exposes_every_family_before_any_traffic(server: RunningSe
 
 
 async def test_signal_connections_are_counted(server: RunningServer) -> None:
-    peer = StoreClient(
-        server.ws_url, STORE, server.token(STORE, sub=SUBJECT), path="signal"
-    )
+    peer = StoreClient(server.ws_url, STORE, server.token(STORE, sub=SUBJECT), path="signal")
     await peer.connect()
     try:
         _, _, text = await _get(server.http_url + "/metrics")
@@ -217,4 +213,3 @@ async def test_signal_connections_are_counted(server: RunningServer) -> None:
         assert SUBJECT not in text
     finally:
         await peer.close()
-
