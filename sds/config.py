@@ -191,7 +191,8 @@ SETTINGS: tuple[Setting, ...] = (
         "max_frame_bytes",
         ("SDS_MAX_FRAME_BYTES",),
         _parse_int,
-        "Largest frame accepted; a larger one closes the sender with 1009.",
+        "Largest frame accepted, in bytes; a larger one closes the sender with 1009 "
+        "and is not relayed.",
     ),
     Setting(
         "max_store_id_length",
@@ -203,31 +204,35 @@ SETTINGS: tuple[Setting, ...] = (
         "max_connections",
         ("SDS_MAX_CONNECTIONS",),
         _parse_int,
-        "Open WebSocket connections in total; more get HTTP 503.",
+        "Open /ws connections in total; more (and /signal upgrades once it is "
+        "reached) get HTTP 503 before the upgrade.",
     ),
     Setting(
         "max_connections_per_store",
         ("SDS_MAX_CONNECTIONS_PER_STORE",),
         _parse_int,
-        "Open connections to one store (or signalling room); more get HTTP 503.",
+        "Open connections to one store (or signalling room); more get HTTP 503 before the upgrade.",
     ),
     Setting(
         "max_client_buffer_bytes",
         ("SDS_MAX_CLIENT_BUFFER_BYTES",),
         _parse_int,
-        "Outgoing bytes queued for one client; a client past it is closed with 1013.",
+        "Outgoing bytes queued for one client; a client that falls further behind is "
+        "closed with 1013.",
     ),
     Setting(
         "max_chunk_bytes_per_client",
         ("SDS_MAX_CHUNK_BYTES_PER_CLIENT",),
         _parse_int,
-        "Memory for reassembling one client's VALUE_CHUNK sequences.",
+        "Bytes for reassembling one client's VALUE_CHUNK sequences; a sequence that "
+        "does not fit is still relayed but not stored.",
     ),
     Setting(
         "max_chunk_bytes_total",
         ("SDS_MAX_CHUNK_BYTES_TOTAL",),
         _parse_int,
-        "Memory for reassembling VALUE_CHUNK sequences, all clients together.",
+        "Bytes for reassembling VALUE_CHUNK sequences, all clients together; a "
+        "sequence that does not fit is still relayed but not stored.",
     ),
     Setting(
         "chunk_timeout",
@@ -253,7 +258,7 @@ SETTINGS: tuple[Setting, ...] = (
         "max_request_bytes",
         ("SDS_MAX_REQUEST_BYTES",),
         _parse_int,
-        "Largest HTTP request body (token API); larger gets HTTP 413.",
+        "Largest HTTP request body in bytes (token API); larger gets HTTP 413.",
     ),
     Setting(
         "heartbeat",
@@ -266,14 +271,16 @@ SETTINGS: tuple[Setting, ...] = (
         "shutdown_timeout",
         ("SDS_SHUTDOWN_TIMEOUT",),
         _parse_float,
-        "Seconds SIGTERM waits for clients to close and storage to flush.",
+        "Seconds a SIGTERM/SIGINT stop may take: clients get half of it to close, "
+        "then are cut off; storage is flushed before the process exits.",
         "SECONDS",
     ),
     Setting(
         "allowed_origins",
         ("SDS_ALLOWED_ORIGINS",),
         _parse_origins,
-        "Browser Origin allowed to connect (repeatable; env: comma-separated). Default: any.",
+        "Browser Origin allowed to connect (repeatable; env: comma-separated); others "
+        "get HTTP 403, requests without Origin are accepted. Default: any.",
         "ORIGIN",
         multiple=True,
         flag="--allowed-origin",

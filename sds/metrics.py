@@ -31,6 +31,10 @@ class Metrics:
     store_files_open: int = 0
 
 
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The exposition format ``render_prometheus`` writes (Prometheus 3 wants it named)."""
+
+
 def render_prometheus(metrics: Metrics) -> str:
     """The counters in Prometheus text format (prometheus_client writes the format)."""
     from prometheus_client.core import (

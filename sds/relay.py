@@ -226,12 +226,27 @@ class Client:
             self.transport.writelines(self._out)
         self._out = []
         self._out_bytes = 0
-        task = asyncio.ensure_future(self.ws.close(code=code, message=reason.encode()))
+        task = asyncio.ensure_future(_close_ws(self.ws, self.transport, code, reason))
         _background.add(task)
         task.add_done_callback(_background.discard)
 
 
 _background: set[asyncio.Future[Any]] = set()
+
+CLOSE_SECONDS = 5.0
+"""How long a close may wait for the peer to take the close frame before the socket is cut."""
+
+
+async def _close_ws(
+    ws: web.WebSocketResponse, transport: asyncio.Transport | None, code: int, reason: str
+) -> None:
+    """Close with ``code``; a peer that never reads (aiohttp drains without a time limit) is cut off."""
+    try:
+        async with asyncio.timeout(CLOSE_SECONDS):
+            await ws.close(code=code, message=reason.encode())
+    except TimeoutError:
+        if transport is not None:
+            transport.abort()
 
 
 class _Pending:

@@ -78,7 +78,13 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         relay.metrics.connections_opened += 1
         relay.metrics.connections_open += 1
         state.clients.add(client)
-        log.info("open store=%s scope=%s sub=%s", store_id, claims.scope, claims.sub)
+        log.info(
+            "open store=%s scope=%s sub=%s",
+            store_id,
+            claims.scope,
+            claims.sub,
+            extra={"event": "open", "store_id": store_id, "scope": claims.scope, "sub": claims.sub},
+        )
         await relay.join(store, client)
         await _read_frames(ws, store, client)
         return ws
@@ -96,13 +102,22 @@ def _forget(client: Client, state: ServerState) -> None:
     if client.chunks is not None:
         client.chunks.clear()
     code = client.close_code if client.close_code is not None else client.ws.close_code
+    duration = time.monotonic() - client.opened_at
     log.info(
         "close store=%s scope=%s sub=%s code=%s duration=%.1fs",
         client.store_id,
         client.scope,
         client.sub,
         code,
-        time.monotonic() - client.opened_at,
+        duration,
+        extra={
+            "event": "close",
+            "store_id": client.store_id,
+            "scope": client.scope,
+            "sub": client.sub,
+            "code": None if code is None else int(code),
+            "duration_s": round(duration, 3),
+        },
     )
 
 
