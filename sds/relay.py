@@ -30,7 +30,9 @@ from sds.metrics import Metrics
 from sds.protocol import encode_server_frame
 
 if TYPE_CHECKING:
+    from sds.config import Config
     from sds.storage import Storage, StoreLog, Write
+    from sds.tokens import Claims
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,20 @@ class Client:
     def attach(self, transport: asyncio.Transport | None) -> None:
         """Bind the client to its socket once the upgrade is done."""
         self.transport = transport
+
+    def close_at(self, exp: float) -> None:
+        """Close with 4001 when the token expires (``exp`` in epoch seconds)."""
+        delay = max(0.0, exp - time.time())
+        loop = asyncio.get_running_loop()
+        self.expiry = loop.call_later(delay, self.close, CLOSE_TOKEN_EXPIRED, "token expired")
+
+    def detach(self) -> None:
+        """The connection ended: stop its timer, drop its incomplete chunk sequences."""
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        if self.chunks is not None:
+            self.chunks.clear()
 
     def send(self, data: bytes) -> None:
         """Queue one frame (payload bytes) for this client."""
@@ -247,6 +263,41 @@ async def _close_ws(
     except TimeoutError:
         if transport is not None:
             transport.abort()
+
+
+async def accept_client(
+    request: web.Request,
+    config: Config,
+    *,
+    store_id: str,
+    claims: Claims,
+    can_write: bool,
+    flusher: Flusher,
+    metrics: Metrics,
+) -> Client:
+    """Upgrade an admitted request to a WebSocket and wrap it in a Client (/ws and /signal)."""
+    ws = web.WebSocketResponse(
+        # aiohttp refuses a frame of max_msg_size bytes (and, when inflating, one more):
+        # the configured limit is the largest frame accepted.
+        max_msg_size=config.max_frame_bytes + (0 if config.permessage_deflate else 1),
+        heartbeat=config.heartbeat,
+        compress=config.permessage_deflate,
+    )
+    await ws.prepare(request)
+    client = Client(
+        ws,
+        store_id=store_id,
+        sub=claims.sub,
+        scope=claims.scope,
+        can_write=can_write,
+        limit=config.max_client_buffer_bytes,
+        flusher=flusher,
+        metrics=metrics,
+    )
+    client.attach(request.transport)
+    if claims.exp is not None:
+        client.close_at(claims.exp)
+    return client
 
 
 class _Pending:

@@ -16,7 +16,7 @@ from aiohttp import WSMsgType, web
 from sds.appkeys import CONFIG, RELAY, SIGNALLING, STATE
 from sds.auth import authenticate, check_origin, http_error, store_id_of
 from sds.protocol import encode_server_frame
-from sds.relay import Client
+from sds.relay import Client, accept_client
 
 log = logging.getLogger(__name__)
 
@@ -118,30 +118,21 @@ async def signal_handler(request: web.Request) -> web.StreamResponse:
         relay.metrics.connections_refused["signal_limit"] += 1
         raise http_error(503, "signalling room is at its connection limit")
 
-    ws = web.WebSocketResponse(
-        # aiohttp refuses a frame of exactly max_msg_size; the limit is the largest accepted
-        max_msg_size=config.max_frame_bytes + 1,
-        heartbeat=config.heartbeat,
-        compress=config.permessage_deflate,
-    )
-    await ws.prepare(request)
-    client = Client(
-        ws,
+    client = await accept_client(
+        request,
+        config,
         store_id=store_id,
-        sub=claims.sub,
-        scope=claims.scope,
+        claims=claims,
         can_write=False,
-        limit=config.max_client_buffer_bytes,
         flusher=relay.flusher,
         metrics=relay.metrics,
     )
-    client.attach(request.transport)
     peer = Peer(client)
     room = signalling.join(store_id, peer)
     relay.metrics.signal_connections_open += 1
     try:
         while True:
-            msg = await ws.receive()
+            msg = await client.ws.receive()
             if msg.type is WSMsgType.TEXT:
                 room.route(peer, msg.data)
             elif msg.type is WSMsgType.BINARY:
@@ -150,5 +141,6 @@ async def signal_handler(request: web.Request) -> web.StreamResponse:
                 break
     finally:
         signalling.leave(store_id, peer)
+        client.detach()
         relay.metrics.signal_connections_open -= 1
-    return ws
+    return client.ws

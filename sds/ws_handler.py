@@ -25,7 +25,7 @@ from sds.protocol import (
     scope_can_write,
     value_answer_frames,
 )
-from sds.relay import CLOSE_TOKEN_EXPIRED, Client, LiveStore, Refused
+from sds.relay import Client, LiveStore, Refused, accept_client
 
 log = logging.getLogger(__name__)
 
@@ -48,33 +48,21 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
 
     client: Client | None = None
     try:
-        ws = web.WebSocketResponse(
-            # aiohttp refuses a frame of exactly max_msg_size; the limit is the largest accepted
-            max_msg_size=config.max_frame_bytes + 1,
-            heartbeat=config.heartbeat,
-            compress=config.permessage_deflate,
-            autoping=True,
-        )
-        await ws.prepare(request)
-        client = Client(
-            ws,
+        client = await accept_client(
+            request,
+            config,
             store_id=store_id,
-            sub=claims.sub,
-            scope=claims.scope,
+            claims=claims,
             can_write=scope_can_write(claims.scope),
-            limit=config.max_client_buffer_bytes,
             flusher=relay.flusher,
             metrics=relay.metrics,
         )
-        client.attach(request.transport)
         if store.log is not None:
             client.chunks = ChunkAssembler(
                 state.chunk_budget,
                 limit=config.max_chunk_bytes_per_client,
                 timeout=config.chunk_timeout,
             )
-        if claims.exp is not None:
-            client.expiry = _close_at_expiry(client, claims.exp)
         relay.metrics.connections_opened += 1
         relay.metrics.connections_open += 1
         state.clients.add(client)
@@ -86,8 +74,8 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
             extra={"event": "open", "store_id": store_id, "scope": claims.scope, "sub": claims.sub},
         )
         await relay.join(store, client)
-        await _read_frames(ws, store, client)
-        return ws
+        await _read_frames(client.ws, store, client)
+        return client.ws
     finally:
         relay.leave(store, client)
         if client is not None:
@@ -97,10 +85,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
 def _forget(client: Client, state: ServerState) -> None:
     state.clients.discard(client)
     client.metrics.connections_open -= 1
-    if client.expiry is not None:
-        client.expiry.cancel()
-    if client.chunks is not None:
-        client.chunks.clear()
+    client.detach()
     code = client.close_code if client.close_code is not None else client.ws.close_code
     duration = time.monotonic() - client.opened_at
     log.info(
@@ -119,12 +104,6 @@ def _forget(client: Client, state: ServerState) -> None:
             "duration_s": round(duration, 3),
         },
     )
-
-
-def _close_at_expiry(client: Client, exp: float) -> asyncio.TimerHandle:
-    loop = asyncio.get_running_loop()
-    delay = max(0.0, exp - time.time())
-    return loop.call_later(delay, client.close, CLOSE_TOKEN_EXPIRED, "token expired")
 
 
 async def _read_frames(ws: web.WebSocketResponse, store: LiveStore, client: Client) -> None:

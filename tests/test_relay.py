@@ -127,15 +127,7 @@ async def test_empty_and_text_frames_are_ignored_without_closing(server: Running
     "deflate",
     [
         False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known gap: with permessage-deflate aiohttp compares the decompressed "
-                "size with > max_msg_size, so limit + 1 lets one byte more through; needs "
-                "max_msg_size=max_frame_bytes when compression is on (ws_handler.py)",
-            ),
-        ),
+        True,
     ],
     ids=["plain", "deflate"],
 )

@@ -198,3 +198,17 @@ async def test_bearer_token_and_decoded_store_id(server: RunningServer) -> None:
         f"{server.http_url}/signal/{'x' * 129}?token={server.token('x' * 129)}"
     )
     assert status == 400
+
+
+async def test_signal_connection_is_closed_with_4001_at_token_expiry(server: RunningServer) -> None:
+    import time
+
+    token = server.token("expiring-room", expires_in=1.5)
+    client = StoreClient(server.ws_url, "expiring-room", token, path="signal")
+    await client.connect()
+    try:
+        started = time.monotonic()
+        assert await client.wait_closed(timeout=6) == 4001
+        assert time.monotonic() - started < 4.5
+    finally:
+        await client.close()
