@@ -16,6 +16,7 @@ from sds.appkeys import CONFIG, METRICS, RELAY, SIGNALLING, STATE, STORAGE, Serv
 from sds.auth import AuthFailures
 from sds.chunks import ChunkBudget
 from sds.config import Config, check_persist_dir
+from sds.logs import redact_access_log
 from sds.metrics import Metrics
 from sds.relay import CLOSE_GOING_AWAY, Relay
 from sds.signalling import Signalling, signal_handler
@@ -48,6 +49,7 @@ def create_app(config: Config) -> web.Application:
         client_max_size=config.max_request_bytes,
         handler_args={"max_line_size": 32 * 1024, "max_field_size": 32 * 1024},
     )
+    redact_access_log()
     metrics = Metrics()
     app[CONFIG] = config
     app[METRICS] = metrics

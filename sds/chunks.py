@@ -42,9 +42,10 @@ class ChunkAssembler:
     def add(self, header: ChunkHeader, body: bytes, now: float | None = None) -> bytes | None:
         """Take one chunk; return the whole value when this chunk completes it.
 
-        A chunk that breaks the rules (another count for the same key, a count
-        whose value cannot fit the per-connection limit, no memory left) discards
-        its sequence: nothing of it is stored.
+        A chunk with another count than the earlier chunks of its key discards
+        them and starts a new sequence. A count whose value cannot fit the
+        per-connection limit, or no memory left, discards the sequence: nothing
+        of it is stored.
         """
         now = time.monotonic() if now is None else now
         self.expire(now)
@@ -53,8 +54,9 @@ class ChunkAssembler:
             return None
         sequence = self._sequences.get(header.key)
         if sequence is not None and sequence.count != header.count:
+            # Another count for the key: the old sequence is broken; this chunk may start anew.
             self._discard(header.key)
-            return None
+            sequence = None
         if sequence is None:
             sequence = self._sequences[header.key] = _Sequence(header.count)
         previous = sequence.parts.get(header.index)

@@ -50,6 +50,7 @@ class StoreClient:
         self.max_frame_bytes = max_frame_bytes
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._close_code: int | None = None
 
     async def __aenter__(self) -> StoreClient:
         await self.connect()
@@ -86,7 +87,8 @@ class StoreClient:
 
     @property
     def close_code(self) -> int | None:
-        return self._ws.close_code if self._ws is not None else None
+        """The server's close code once it closed (aiohttp reports 1006 after a timed-out wait)."""
+        return self._close_code
 
     async def send(self, frame: bytes) -> None:
         """Send one binary frame."""
@@ -96,18 +98,27 @@ class StoreClient:
         await self.ws.send_str(text)
 
     async def receive_message(self, timeout: float | None = None) -> aiohttp.WSMessage:
-        """The next data message (binary or text); ClientClosed when the server closed."""
-        while True:
-            msg = await self.ws.receive(timeout=timeout)
-            if msg.type in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
-                return msg
-            if msg.type is aiohttp.WSMsgType.CLOSE:
-                await self.ws.close()
-                raise ClientClosed(msg.data)
-            if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
-                raise ClientClosed(self.ws.close_code)
-            if msg.type is aiohttp.WSMsgType.ERROR:
-                raise ClientClosed(self.ws.close_code)
+        """The next data message (binary or text); ClientClosed when the server closed.
+
+        ``timeout`` bounds the whole wait: aiohttp's own per-receive timeout starts
+        again at every ping, so it would never expire under a busy heartbeat.
+        """
+        async with asyncio.timeout(timeout):
+            while True:
+                msg = await self.ws.receive()
+                if msg.type in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
+                    return msg
+                if msg.type is aiohttp.WSMsgType.CLOSE:
+                    self._close_code = msg.data
+                    await self.ws.close()
+                    raise ClientClosed(msg.data)
+                if msg.type in (
+                    aiohttp.WSMsgType.CLOSED,
+                    aiohttp.WSMsgType.CLOSING,
+                    aiohttp.WSMsgType.ERROR,
+                ):
+                    self._close_code = self._close_code or self.ws.close_code
+                    raise ClientClosed(self._close_code)
 
     async def receive(self, timeout: float | None = 5.0) -> bytes:
         """The next binary frame (text frames are skipped)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
@@ -45,3 +46,28 @@ def setup_logging(log_format: str = "text", level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&\s\"']+", re.IGNORECASE)
+
+
+class RedactTokens(logging.Filter):
+    """Hides ``token=`` query values in records of loggers that print request lines.
+
+    ``sds serve`` logs requests without their query string; this filter keeps
+    tokens out of aiohttp's default access log too, whoever serves ``create_app()``.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = _TOKEN_IN_QUERY.sub(r"\1[redacted]", message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+def redact_access_log() -> None:
+    """Install RedactTokens on aiohttp's access logger (once)."""
+    access = logging.getLogger("aiohttp.access")
+    if not any(isinstance(f, RedactTokens) for f in access.filters):
+        access.addFilter(RedactTokens())

@@ -11,6 +11,7 @@ import pytest
 
 from sds.tokens import mint_token
 from tests.badtokens import claims_for, signed
+from tests.conftest import RunningServer
 from tests.helpers import TEST_SECRET, ServerProcess, clean_env, spawn_server
 
 pytestmark = pytest.mark.slow
@@ -82,3 +83,25 @@ async def test_no_token_or_secret_in_any_log_line(tmp_path: Path, log_format: st
     assert signatures == [], "token signatures found in the log"
     assert "token=" not in log
     assert TEST_SECRET not in log, "the secret is in the log"
+
+
+async def test_default_aiohttp_access_log_never_shows_the_token(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whoever serves create_app() with aiohttp's default access log: no token in it."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    token = server.token("redacted-store")
+    async with server.client("redacted-store", token=token) as client:
+        await client.send(b"\x04hello")
+    bad = token[:-4] + "AAAA"
+    refused = server.client("redacted-store", token=bad)
+    with pytest.raises(aiohttp.WSServerHandshakeError):
+        await refused.connect()
+    await asyncio.sleep(0.2)
+    lines = [record.getMessage() for record in caplog.records if record.name == "aiohttp.access"]
+    assert any("/ws/redacted-store" in line for line in lines)
+    signature = token.rsplit(".", 1)[1]
+    assert not any(signature in line or bad.rsplit(".", 1)[1] in line for line in lines)
+    assert all("token=[redacted]" in line for line in lines if "/ws/redacted-store" in line)
