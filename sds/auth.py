@@ -11,12 +11,16 @@ import json
 import logging
 import time
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from aiohttp import hdrs, web
 
 from sds.config import Config
 from sds.metrics import Metrics
 from sds.tokens import Claims, TokenError, verify_token
+
+if TYPE_CHECKING:
+    from sds.appkeys import ServerState
 
 log = logging.getLogger(__name__)
 
@@ -116,3 +120,13 @@ def authenticate(
     except TokenError as exc:
         failures.record(exc.reason)
         raise http_error(exc.status, exc.message) from None
+
+
+def admit(request: web.Request, config: Config, state: ServerState) -> tuple[str, Claims]:
+    """The store id and token claims of a /ws or /signal request, checked before any upgrade."""
+    store_id = store_id_of(request, config.max_store_id_length)
+    check_origin(request, config)
+    claims = authenticate(request, config, state.auth_failures, store_id)
+    if state.shutting_down:
+        raise http_error(503, "server is shutting down")
+    return store_id, claims

@@ -125,6 +125,11 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def describe(conn: sqlite3.Connection) -> tuple[list[str], dict[str, int], str]:
+    """What the manifest records of one store file: store ids, row counts, integrity."""
+    return store_ids(conn), row_counts(conn), integrity(conn)
+
+
 def row_counts(conn: sqlite3.Connection) -> dict[str, int]:
     """Rows per table of the three store tables."""
     return {
@@ -143,9 +148,7 @@ def copy_store_file(source: Path, target: Path) -> FileEntry:
         try:
             src.backup(dst)
             dst.execute("PRAGMA journal_mode=DELETE")
-            ids = store_ids(dst)
-            rows = row_counts(dst)
-            check = integrity(dst)
+            ids, rows, check = describe(dst)
         finally:
             dst.close()
     except (sqlite3.Error, MaintenanceError) as exc:
@@ -305,9 +308,7 @@ def _verify_files(manifest: Manifest, stores: Path) -> None:
         try:
             conn = connect_readonly(path)
             try:
-                check = integrity(conn)
-                rows = row_counts(conn)
-                ids = store_ids(conn)
+                ids, rows, check = describe(conn)
             finally:
                 conn.close()
         except (sqlite3.Error, MaintenanceError) as exc:

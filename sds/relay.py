@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
+from sds.background import spawn
 from sds.metrics import Metrics
 from sds.protocol import encode_server_frame
 
@@ -242,12 +243,8 @@ class Client:
             self.transport.writelines(self._out)
         self._out = []
         self._out_bytes = 0
-        task = asyncio.ensure_future(_close_ws(self.ws, self.transport, code, reason))
-        _background.add(task)
-        task.add_done_callback(_background.discard)
+        spawn(_close_ws(self.ws, self.transport, code, reason))
 
-
-_background: set[asyncio.Future[Any]] = set()
 
 CLOSE_SECONDS = 5.0
 """How long a close may wait for the peer to take the close frame before the socket is cut."""

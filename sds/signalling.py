@@ -14,7 +14,7 @@ import logging
 from aiohttp import WSMsgType, web
 
 from sds.appkeys import CONFIG, RELAY, SIGNALLING, STATE
-from sds.auth import authenticate, check_origin, http_error, store_id_of
+from sds.auth import admit, http_error
 from sds.protocol import encode_server_frame
 from sds.relay import Client, accept_client
 
@@ -109,11 +109,7 @@ async def signal_handler(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     signalling = request.app[SIGNALLING]
     relay = request.app[RELAY]
-    store_id = store_id_of(request, config.max_store_id_length)
-    check_origin(request, config)
-    claims = authenticate(request, config, state.auth_failures, store_id)
-    if state.shutting_down:
-        raise http_error(503, "server is shutting down")
+    store_id, claims = admit(request, config, state)
     if signalling.is_full(store_id) or relay.connections >= config.max_connections:
         relay.metrics.connections_refused["signal_limit"] += 1
         raise http_error(503, "signalling room is at its connection limit")

@@ -32,6 +32,7 @@ from typing import Any
 
 import aiosqlite
 
+from sds.background import spawn
 from sds.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -480,7 +481,7 @@ class Storage:
         if file.users == 0 and file.close_handle is None:
             loop = asyncio.get_running_loop()
             file.close_handle = loop.call_later(
-                self.close_grace, lambda: _spawn(self._close_idle(file))
+                self.close_grace, lambda: spawn(self._close_idle(file))
             )
 
     async def _close_idle(self, file: StoreFile) -> None:
@@ -500,12 +501,3 @@ class Storage:
         """Flush and close every file (shutdown)."""
         for file in list(self._files.values()):
             await self._close_file(file)
-
-
-_tasks: set[asyncio.Task[Any]] = set()
-
-
-def _spawn(coro: Any) -> None:
-    task = asyncio.ensure_future(coro)
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)

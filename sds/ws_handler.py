@@ -6,16 +6,14 @@ if it is a write (persistence on), relay it to the other clients of the store.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Coroutine
-from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from sds.appkeys import CONFIG, RELAY, STATE, ServerState
-from sds.auth import authenticate, check_origin, http_error, store_id_of
+from sds.auth import admit, http_error
+from sds.background import spawn
 from sds.chunks import ChunkAssembler
 from sds.protocol import (
     KEY_BYTES,
@@ -35,11 +33,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     relay = request.app[RELAY]
     state = request.app[STATE]
-    store_id = store_id_of(request, config.max_store_id_length)
-    check_origin(request, config)
-    claims = authenticate(request, config, state.auth_failures, store_id)
-    if state.shutting_down:
-        raise http_error(503, "server is shutting down")
+    store_id, claims = admit(request, config, state)
     try:
         store = await relay.open_store(store_id)
     except Refused as exc:
@@ -155,7 +149,7 @@ def handle_frame(store: LiveStore, client: Client, data: bytes) -> None:
     else:
         store.relay(data, client)
         if msg_type == FrameType.REQ_VALUE and len(data) >= 1 + KEY_BYTES:
-            _spawn(_answer_value_request(store, client, data[1 : 1 + KEY_BYTES].hex()))
+            spawn(_answer_value_request(store, client, data[1 : 1 + KEY_BYTES].hex()))
 
 
 def _chunk_value(client: Client, data: bytes) -> tuple[str, bytes] | None:
@@ -183,12 +177,3 @@ async def _answer_value_request(store: LiveStore, client: Client, key: str) -> N
         return
     for frame in value_answer_frames(key, value):
         client.send(frame)
-
-
-_tasks: set[asyncio.Task[None]] = set()
-
-
-def _spawn(coro: Coroutine[Any, Any, None]) -> None:
-    task = asyncio.ensure_future(coro)
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)

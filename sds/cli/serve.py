@@ -16,6 +16,7 @@ from sds.tokens import mint_token
 DEV_DATA_DIR = Path("sds-data")
 DEV_SECRET_FILE = "jwt-secret"
 DEV_STORE = "demo"
+DEV_TOKEN_SECONDS = 7 * 86400
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -97,21 +98,16 @@ def _dev_secret(path: Path) -> str:
 
 
 def _print_dev_banner(config: Config) -> None:
-    admin = mint_token(
-        config.jwt_secret,
-        store_id=DEV_STORE,
-        scope="admin",
-        sub="dev-admin",
-        expires_in=7 * 86400,
-        issuer=config.issuer,
-    )
-    write = mint_token(
-        config.jwt_secret,
-        store_id=DEV_STORE,
-        scope="write",
-        sub="dev-writer",
-        expires_in=7 * 86400,
-        issuer=config.issuer,
+    admin, write = (
+        mint_token(
+            config.jwt_secret,
+            store_id=DEV_STORE,
+            scope=scope,
+            sub=f"dev-{scope}",
+            expires_in=DEV_TOKEN_SECONDS,
+            issuer=config.issuer,
+        )
+        for scope in ("admin", "write")
     )
     host = "127.0.0.1" if config.host in ("localhost", "127.0.0.1") else f"[{config.host}]"
     base = f"ws://{host}:{config.port}"
