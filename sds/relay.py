@@ -29,6 +29,7 @@ from aiohttp import web
 from sds.background import spawn
 from sds.metrics import Metrics
 from sds.protocol import encode_server_frame
+from sds.storage import StorageError
 
 if TYPE_CHECKING:
     from sds.config import Config
@@ -495,8 +496,6 @@ class Relay:
         try:
             store = LiveStore(store_id, metrics=self.metrics)
             if self.storage is not None:
-                from sds.storage import StorageError
-
                 try:
                     store.log = await self.storage.acquire(store_id)
                     store.relayed_clock = await store.log.last_clock()
@@ -526,6 +525,9 @@ class Relay:
         try:
             async for page in store.log.history(upto):
                 await client.send_history(page)
+        except StorageError as exc:
+            log.error("store %s: catch-up failed: %s", store.store_id, exc)
+            client.close(CLOSE_INTERNAL_ERROR, "storage failure")
         finally:
             client.release()
 

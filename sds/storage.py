@@ -316,25 +316,34 @@ class StoreFile:
         if full < len(params):
             await self._db.execute(_insert_statement((len(params) - full) // 3), params[full:])
 
-    async def read_blob(self, key: str) -> bytes | None:
-        """The stored value for a key (hex), or None."""
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[Any]:
+        """The connection for one read, between commits; SQLite errors become StorageError."""
         async with self._io:
             if self._db is None:
-                return None
-            async with self._db.execute("SELECT data FROM blobs WHERE hash = ?", (key,)) as cur:
-                row = await cur.fetchone()
+                raise StorageError(f"{self.path.name} is closed")
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                raise StorageError(f"reading {self.path.name} failed: {exc}") from None
+
+    async def read_blob(self, key: str) -> bytes | None:
+        """The stored value for a key (hex), or None."""
+        async with (
+            self._reading() as db,
+            db.execute("SELECT data FROM blobs WHERE hash = ?", (key,)) as cur,
+        ):
+            row = await cur.fetchone()
         return bytes(row[0]) if row else None
 
     async def last_clock(self, store_id: str) -> int:
-        async with self._io:
+        async with self._reading():
             return await self._max_clock(store_id)
 
     async def read_snapshot(self, store_id: str) -> tuple[bytes, int] | None:
         async with (
-            self._io,
-            self._db.execute(
-                "SELECT data, clock FROM snapshots WHERE store_id = ?", (store_id,)
-            ) as cur,
+            self._reading() as db,
+            db.execute("SELECT data, clock FROM snapshots WHERE store_id = ?", (store_id,)) as cur,
         ):
             row = await cur.fetchone()
         return (bytes(row[0]), int(row[1])) if row else None
@@ -342,8 +351,8 @@ class StoreFile:
     async def read_patches(self, store_id: str, after: int, upto: int) -> list[tuple[int, bytes]]:
         """One page of patches with ``after < clock <= upto``, in clock order."""
         async with (
-            self._io,
-            self._db.execute(
+            self._reading() as db,
+            db.execute(
                 "SELECT clock, data FROM patches WHERE store_id = ? AND clock > ? AND clock <= ? "
                 "ORDER BY clock LIMIT ?",
                 (store_id, after, upto, HISTORY_PAGE_ROWS),

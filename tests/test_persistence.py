@@ -239,3 +239,22 @@ async def test_sync_full_sets_synchronous_full(make_server: ServerFactory) -> No
     (file,) = storage.open_files()
     async with file._db.execute("PRAGMA synchronous") as cursor:
         assert (await cursor.fetchone())[0] == 2
+
+
+async def test_corrupt_store_file_is_refused_with_503_and_left_untouched(
+    persistent_server: RunningServer,
+) -> None:
+    assert persistent_server.config.persist_dir is not None
+    persistent_server.config.persist_dir.mkdir(parents=True, exist_ok=True)
+    db = db_of(persistent_server, "garbled")
+    garbage = b"this is not an SQLite database" * 200
+    db.write_bytes(garbage)
+    client = persistent_server.client("garbled")
+    with pytest.raises(Exception) as refused:
+        await client.connect()
+    assert getattr(refused.value, "status", None) == 503
+    assert db.read_bytes() == garbage
+    writer = await persistent_server.connect("healthy")
+    reader = await persistent_server.connect("healthy")
+    await writer.send(patch(1))
+    assert await reader.receive() == patch(1)
