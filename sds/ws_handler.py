@@ -17,7 +17,10 @@ from sds.background import spawn
 from sds.chunks import ChunkAssembler
 from sds.protocol import (
     KEY_BYTES,
-    FrameType,
+    PATCH,
+    REQ_VALUE,
+    VALUE,
+    VALUE_CHUNK,
     parse_chunk,
     reject_write_frame,
     scope_can_write,
@@ -135,12 +138,12 @@ def handle_frame(store: LiveStore, client: Client, data: bytes) -> None:
     if log_ is None:
         store.relay(data, client)
         return
-    if msg_type == FrameType.PATCH:
+    if msg_type == PATCH:
         store.relay_after_commit(data, client, log_.append_patch(data[1:]))
-    elif msg_type == FrameType.VALUE and len(data) > 1 + KEY_BYTES:
+    elif msg_type == VALUE and len(data) > 1 + KEY_BYTES:
         key = data[1 : 1 + KEY_BYTES].hex()
         store.relay_after_commit(data, client, log_.put_value(key, data[1 + KEY_BYTES :], data[1:]))
-    elif msg_type == FrameType.VALUE_CHUNK:
+    elif msg_type == VALUE_CHUNK:
         value = _chunk_value(client, data)
         if value is None:
             store.relay(data, client)
@@ -148,7 +151,7 @@ def handle_frame(store: LiveStore, client: Client, data: bytes) -> None:
             store.relay_after_commit(data, client, log_.put_blob(value[0], value[1]))
     else:
         store.relay(data, client)
-        if msg_type == FrameType.REQ_VALUE and len(data) >= 1 + KEY_BYTES:
+        if msg_type == REQ_VALUE and len(data) >= 1 + KEY_BYTES:
             spawn(_answer_value_request(store, client, data[1 : 1 + KEY_BYTES].hex()))
 
 
