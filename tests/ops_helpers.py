@@ -132,13 +132,3 @@ def one_error_line(result: Result) -> str:
     assert lines[0].startswith("sds: ")
     assert "Traceback" not in result.stderr
     return lines[0]
-
-
-def distinct_in_order(frames: Iterable[bytes]) -> list[bytes]:
-    seen: set[bytes] = set()
-    out = []
-    for frame in frames:
-        if frame not in seen:
-            seen.add(frame)
-            out.append(frame)
-    return out

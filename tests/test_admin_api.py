@@ -8,8 +8,9 @@ import json
 import aiohttp
 
 from sds.client import StoreClient
+from sds.maintenance import distinct_in_order
 from tests.conftest import SECRET, RunningServer, ServerFactory
-from tests.ops_helpers import distinct_in_order, run_sds_async, sds_env
+from tests.ops_helpers import run_sds_async, sds_env
 
 
 async def _post(
