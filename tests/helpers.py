@@ -1,13 +1,15 @@
-"""Run the real `sds` command in a subprocess: one-shot commands and `sds serve` on a free port.
+"""Shared test helpers, chiefly the real `sds` command in a subprocess.
 
+`run_sds` runs one-shot commands; `spawn_server` runs `sds serve` on a free port.
 Use these where the process itself matters (exit codes, stderr, files it creates,
-signals, logs). Every wait is bounded; the environment starts without any SDS_*
-variable of the machine running the tests, so only what a test passes is seen.
+signals, logs, memory). Every wait is bounded; the environment starts without any
+SDS_* variable of the machine running the tests, so only what a test passes is seen.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -18,11 +20,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
+from sds.client import StoreClient
 from sds.tokens import mint_token
 
 SDS = [sys.executable, "-m", "sds"]
@@ -276,6 +279,49 @@ def spawn_server(
         finally:
             server.kill()
         return
+
+
+@asynccontextmanager
+async def streaming_writer(
+    writer: StoreClient,
+    frame: Callable[[int], bytes],
+    *,
+    started: int = 100,
+    at_least: int = 0,
+    timeout: float = 30.0,
+) -> AsyncIterator[list[bytes]]:
+    """``writer`` sends ``frame(0)``, ``frame(1)``, ... every 2 ms in a task; yields the frames sent.
+
+    Entered once ``started`` frames are sent; on exit the stream stops (after
+    ``at_least`` frames in all) and the task is awaited, each wait bounded by ``timeout``.
+    """
+    sent: list[bytes] = []
+    stop = asyncio.Event()
+
+    async def stream() -> None:
+        i = 0
+        while not stop.is_set() or i < at_least:
+            data = frame(i)
+            await writer.send(data)
+            sent.append(data)
+            i += 1
+            await asyncio.sleep(0.002)
+
+    task = asyncio.create_task(stream())
+    try:
+        async with asyncio.timeout(timeout):
+            while len(sent) < started:
+                if task.done():
+                    task.result()  # the stream failed: its error, here
+                await asyncio.sleep(0.01)
+        yield sent
+        stop.set()
+        await asyncio.wait_for(task, timeout)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 async def upgrade_request(

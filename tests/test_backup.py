@@ -21,6 +21,7 @@ from sds.backup import (
 )
 from sds.cli import cli
 from tests.conftest import ServerFactory
+from tests.helpers import streaming_writer
 from tests.ops_helpers import (
     all_rows,
     db_digests,
@@ -219,29 +220,13 @@ async def test_backup_while_a_writer_streams_restores_to_a_replayable_prefix(
     assert directory is not None
     writer = await server.connect("live", sub="writer")
     peer = await server.connect("live", "read", sub="peer")
-    sent: list[bytes] = []
-    stop = asyncio.Event()
-
-    async def stream() -> None:
-        i = 0
-        while not stop.is_set():
-            frame = b"\x01" + i.to_bytes(4, "big") * 64
-            await writer.send(frame)
-            sent.append(frame)
-            i += 1
-            await asyncio.sleep(0.002)
-
-    task = asyncio.create_task(stream())
-    while len(sent) < 100:
-        await asyncio.sleep(0.01)
-    for _ in range(50):
-        await peer.receive(timeout=5)
-    committed_before_backup = 50
     out = tmp_path / "backups"
     env = sds_env(SDS_PERSIST_DIR=str(directory))
-    result = await run_sds_async("backup", "--out", str(out), "--json", env=env)
-    stop.set()
-    await asyncio.wait_for(task, 10)
+    async with streaming_writer(writer, lambda i: b"\x01" + i.to_bytes(4, "big") * 64) as sent:
+        for _ in range(50):
+            await peer.receive(timeout=5)
+        committed_before_backup = 50
+        result = await run_sds_async("backup", "--out", str(out), "--json", env=env)
     assert result.returncode == 0, result.stderr
     archive = Path(json.loads(result.stdout)["archive"])
     verified = await run_sds_async("backup", "verify", str(archive))
