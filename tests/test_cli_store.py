@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from sds.cli import cli
@@ -76,10 +77,13 @@ def test_store_inspect_by_id_and_by_file(tmp_path: Path) -> None:
     assert code == 0 and json.loads(output)["stores"][0]["store_id"] == "todo"
 
 
-def test_store_inspect_unknown_store_exits_1_and_changes_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["inspect", "compact"])
+def test_store_command_on_an_unknown_store_exits_1_and_changes_nothing(
+    tmp_path: Path, command: str
+) -> None:
     directory = _stores(tmp_path)
     before = db_digests(directory)
-    result = run_sds("store", "inspect", "nope", env=sds_env(SDS_PERSIST_DIR=str(directory)))
+    result = run_sds("store", command, "nope", env=sds_env(SDS_PERSIST_DIR=str(directory)))
     assert result.returncode == 1
     assert "unknown store" in one_error_line(result)
     assert result.stdout == ""
@@ -106,15 +110,6 @@ def test_store_compact_needs_an_id_or_all(tmp_path: Path) -> None:
     result = run_sds("store", "compact", "notes", "--wait", "soon", env=env)
     assert result.returncode == 2
     one_error_line(result)
-
-
-def test_store_compact_unknown_store_exits_1(tmp_path: Path) -> None:
-    directory = _stores(tmp_path)
-    before = db_digests(directory)
-    result = run_sds("store", "compact", "nope", env=sds_env(SDS_PERSIST_DIR=str(directory)))
-    assert result.returncode == 1
-    assert "unknown store" in one_error_line(result)
-    assert db_digests(directory) == before
 
 
 def test_store_compact_gives_up_when_neither_lock_nor_server_is_available(
