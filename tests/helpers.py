@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -31,6 +30,8 @@ from sds.tokens import mint_token
 SDS = [sys.executable, "-m", "sds"]
 """The `sds` command of the interpreter running the tests (the venv's, with sds installed)."""
 TEST_SECRET = "subprocess-test-secret-0123456789abcdefghij"
+BIN_DIR = str(Path(sys.executable).parent)
+SUBPROCESS_TIMEOUT = 60.0
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
 
@@ -59,40 +60,36 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def read_rows(db_path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Rows of a query on a store file opened read-only."""
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
-
-
 def clean_env(
-    extra: Mapping[str, str] | None = None, *, secret: str | None = None
+    extra: Mapping[str, str] | None = None, *, secret: str | None = None, **values: str
 ) -> dict[str, str]:
-    """The environment of a child `sds`: no inherited SDS_* variables, plus ``extra``.
+    """The environment of a child `sds`: no inherited SDS_* variables, plus ``extra`` and ``values``.
 
-    ``secret`` sets SDS_JWT_SECRET; pass None to leave it out.
+    ``secret`` sets SDS_JWT_SECRET; pass None to leave it out. The venv's bin
+    directory comes first on PATH, so scripts that call `sds` find this one.
     """
     env = {name: value for name, value in os.environ.items() if not name.startswith("SDS_")}
+    env["PATH"] = BIN_DIR + os.pathsep + env.get("PATH", "")
     env["PYTHONUNBUFFERED"] = "1"
     env["NO_COLOR"] = "1"
     if secret is not None:
         env["SDS_JWT_SECRET"] = secret
     env.update(extra or {})
+    env.update(values)
     return env
 
 
 def run_sds(
-    args: Sequence[str],
-    *,
+    *args: str,
     env: Mapping[str, str] | None = None,
     cwd: Path | str | None = None,
-    timeout: float = 30.0,
+    timeout: float = SUBPROCESS_TIMEOUT,
     input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run one `sds` command to completion; stdout and stderr captured as text."""
+    """Run one `sds` command to completion; stdout and stderr captured as text.
+
+    The default environment is `clean_env` with TEST_SECRET.
+    """
     return subprocess.run(
         [*SDS, *args],
         env=dict(env) if env is not None else clean_env(secret=TEST_SECRET),
@@ -103,6 +100,38 @@ def run_sds(
         input=input,
         check=False,
     )
+
+
+async def run_sds_async(
+    *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`run_sds` without blocking the event loop (an in-process test server keeps serving)."""
+    process = await asyncio.create_subprocess_exec(
+        *SDS,
+        *args,
+        env=dict(env) if env is not None else clean_env(secret=TEST_SECRET),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), SUBPROCESS_TIMEOUT)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return subprocess.CompletedProcess(
+        [*SDS, *args], process.returncode, out.decode(), err.decode()
+    )
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The stderr of a failed command, checked to be exactly one `sds: ...` line."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}: {lines!r}"
+    assert lines[0].startswith("sds: ")
+    assert "Traceback" not in result.stderr
+    return lines[0]
 
 
 class ServerProcess:

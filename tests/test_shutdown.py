@@ -12,8 +12,9 @@ import pytest
 
 from sds.client import ClientClosed, StoreClient, store_url
 from sds.storage import store_filename
-from tests.helpers import ServerProcess, read_rows, spawn_server
+from tests.helpers import ServerProcess, spawn_server
 from tests.raw_ws import RawWebSocket
+from tests.store_files import read_rows
 
 SHUTDOWN_TIMEOUT = 6.0
 
