@@ -138,8 +138,7 @@ def test_restore_refuses_to_overwrite_existing_stores_without_force(tmp_path: Pa
     forced = run_sds("restore", str(archive), "--force", env=clean_env(SDS_PERSIST_DIR=str(source)))
     assert forced.returncode == 0, forced.stderr
     assert b"written after the backup" not in b"".join(
-        row[2]
-        for row in all_rows(source / "notes.db")["patches"]  # type: ignore[misc]
+        row[2] for row in all_rows(source / "notes.db")["patches"]
     )
     assert not (source / "notes.db-wal").exists()
 
