@@ -8,8 +8,9 @@ import json
 import aiohttp
 
 from sds.client import StoreClient
+from sds.maintenance import distinct_in_order
 from tests.conftest import SECRET, RunningServer, ServerFactory
-from tests.ops_helpers import distinct_in_order, run_sds_async, sds_env
+from tests.helpers import clean_env, run_sds_async, streaming_writer
 
 
 async def _post(
@@ -98,27 +99,14 @@ async def test_cli_compaction_while_a_writer_streams_loses_nothing(
     server = await make_server(persist=True)
     writer = await server.connect("live", sub="writer")
     peer = await server.connect("live", scope="read", sub="peer")
-    sent: list[bytes] = []
-    stop = asyncio.Event()
-
-    async def stream() -> None:
-        i = 0
-        while not stop.is_set() or i < 200:
-            frame = b"\x01" + f"patch-{i % 60}".encode() * 20
-            await writer.send(frame)
-            sent.append(frame)
-            i += 1
-            await asyncio.sleep(0.002)
-
-    task = asyncio.create_task(stream())
-    while len(sent) < 100:
-        await asyncio.sleep(0.01)
-    env = sds_env(SDS_PERSIST_DIR=str(server.config.persist_dir), SDS_JWT_SECRET=SECRET)
-    result = await run_sds_async(
-        "store", "compact", "live", "--url", server.http_url, "--wait", "10", "--json", env=env
+    env = clean_env(SDS_PERSIST_DIR=str(server.config.persist_dir), SDS_JWT_SECRET=SECRET)
+    duplicating = streaming_writer(
+        writer, lambda i: b"\x01" + f"patch-{i % 60}".encode() * 20, at_least=200
     )
-    stop.set()
-    await asyncio.wait_for(task, 30)
+    async with duplicating as sent:
+        result = await run_sds_async(
+            "store", "compact", "live", "--url", server.http_url, "--wait", "10", "--json", env=env
+        )
     assert result.returncode == 0, result.stderr
     (report,) = json.loads(result.stdout)["results"]
     assert report["via"] == "server"
@@ -141,7 +129,7 @@ async def test_cli_compaction_of_a_store_the_server_does_not_hold_takes_the_lock
         for _ in frames:
             await peer.receive(timeout=5)
     await _wait_closed(server, "idle")
-    env = sds_env(SDS_PERSIST_DIR=str(server.config.persist_dir))
+    env = clean_env(SDS_PERSIST_DIR=str(server.config.persist_dir))
     result = await run_sds_async("store", "compact", "idle", "--json", env=env)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["results"][0]["via"] == "lock"

@@ -21,15 +21,8 @@ from sds.backup import (
 )
 from sds.cli import cli
 from tests.conftest import ServerFactory
-from tests.ops_helpers import (
-    all_rows,
-    db_digests,
-    one_error_line,
-    run_sds,
-    run_sds_async,
-    sds_env,
-    write_store,
-)
+from tests.helpers import clean_env, one_error_line, run_sds, run_sds_async, streaming_writer
+from tests.store_files import all_rows, db_digests, write_store
 
 
 def _stores(directory: Path) -> Path:
@@ -90,7 +83,7 @@ def test_backup_cli_json_and_verify(tmp_path: Path) -> None:
     verified = runner.invoke(cli, ["backup", "verify", str(archive), "--json"])
     assert verified.exit_code == 0, verified.output
     assert json.loads(verified.output)["ok"] is True
-    shown = run_sds("backup", "verify", str(archive), env=sds_env(COLUMNS="200"))
+    shown = run_sds("backup", "verify", str(archive), env=clean_env(COLUMNS="200"))
     assert shown.returncode == 0 and "notes.db" in shown.stdout
 
 
@@ -122,7 +115,7 @@ def test_a_damaged_archive_is_refused_and_nothing_is_restored(tmp_path: Path, da
     with pytest.raises(BackupError):
         verify_archive(bad)
     target = tmp_path / "target"
-    result = run_sds("restore", str(bad), env=sds_env(SDS_PERSIST_DIR=str(target)))
+    result = run_sds("restore", str(bad), env=clean_env(SDS_PERSIST_DIR=str(target)))
     assert result.returncode == 1
     one_error_line(result)
     assert db_digests(target) == {}
@@ -136,36 +129,35 @@ def test_restore_refuses_to_overwrite_existing_stores_without_force(tmp_path: Pa
     archive = create_backup(source, tmp_path / "backups").archive
     write_store(source / "notes.db", "notes", [b"written after the backup"])
     before = db_digests(source)
-    result = run_sds("restore", str(archive), env=sds_env(SDS_PERSIST_DIR=str(source)))
+    result = run_sds("restore", str(archive), env=clean_env(SDS_PERSIST_DIR=str(source)))
     assert result.returncode == 1
     assert "--force" in one_error_line(result)
     assert db_digests(source) == before
     with pytest.raises(StoresExist):
         restore_archive(archive, source)
-    forced = run_sds("restore", str(archive), "--force", env=sds_env(SDS_PERSIST_DIR=str(source)))
+    forced = run_sds("restore", str(archive), "--force", env=clean_env(SDS_PERSIST_DIR=str(source)))
     assert forced.returncode == 0, forced.stderr
     assert b"written after the backup" not in b"".join(
-        row[2]
-        for row in all_rows(source / "notes.db")["patches"]  # type: ignore[misc]
+        row[2] for row in all_rows(source / "notes.db")["patches"]
     )
     assert not (source / "notes.db-wal").exists()
 
 
 def test_restore_and_backup_bad_input(tmp_path: Path) -> None:
-    missing = run_sds("restore", str(tmp_path / "nope.tar.gz"), env=sds_env(SDS_PERSIST_DIR="x"))
+    missing = run_sds("restore", str(tmp_path / "nope.tar.gz"), env=clean_env(SDS_PERSIST_DIR="x"))
     assert missing.returncode == 2
     one_error_line(missing)
     verify_missing = run_sds("backup", "verify", str(tmp_path / "nope.tar.gz"))
     assert verify_missing.returncode == 2
     one_error_line(verify_missing)
-    no_out = run_sds("backup", env=sds_env(SDS_PERSIST_DIR=str(tmp_path)))
+    no_out = run_sds("backup", env=clean_env(SDS_PERSIST_DIR=str(tmp_path)))
     assert no_out.returncode == 2
     one_error_line(no_out)
     no_dir = run_sds("backup", "--out", str(tmp_path / "b"))
     assert no_dir.returncode == 2
     one_error_line(no_dir)
     gone = run_sds(
-        "backup", "--out", str(tmp_path / "b"), env=sds_env(SDS_PERSIST_DIR=str(tmp_path / "no"))
+        "backup", "--out", str(tmp_path / "b"), env=clean_env(SDS_PERSIST_DIR=str(tmp_path / "no"))
     )
     assert gone.returncode == 1
     one_error_line(gone)
@@ -180,7 +172,7 @@ def test_backup_with_an_unreadable_store_archives_the_rest_and_exits_1(tmp_path:
     source = _stores(tmp_path / "stores")
     (source / "broken.db").write_bytes(b"garbage" * 100)
     out = tmp_path / "backups"
-    result = run_sds("backup", "--out", str(out), env=sds_env(SDS_PERSIST_DIR=str(source)))
+    result = run_sds("backup", "--out", str(out), env=clean_env(SDS_PERSIST_DIR=str(source)))
     assert result.returncode == 1
     assert "broken.db" in one_error_line(result)
     (archive,) = out.glob(ARCHIVE_GLOB)
@@ -203,7 +195,7 @@ async def test_restore_refuses_a_store_the_server_holds(
     await writer.send(b"\x01two")
     await peer.receive(timeout=5)
     result = await run_sds_async(
-        "restore", str(archive), "--force", env=sds_env(SDS_PERSIST_DIR=str(directory))
+        "restore", str(archive), "--force", env=clean_env(SDS_PERSIST_DIR=str(directory))
     )
     assert result.returncode == 1
     assert "stop the server" in one_error_line(result)
@@ -219,36 +211,22 @@ async def test_backup_while_a_writer_streams_restores_to_a_replayable_prefix(
     assert directory is not None
     writer = await server.connect("live", sub="writer")
     peer = await server.connect("live", "read", sub="peer")
-    sent: list[bytes] = []
-    stop = asyncio.Event()
-
-    async def stream() -> None:
-        i = 0
-        while not stop.is_set():
-            frame = b"\x01" + i.to_bytes(4, "big") * 64
-            await writer.send(frame)
-            sent.append(frame)
-            i += 1
-            await asyncio.sleep(0.002)
-
-    task = asyncio.create_task(stream())
-    while len(sent) < 100:
-        await asyncio.sleep(0.01)
-    for _ in range(50):
-        await peer.receive(timeout=5)
-    committed_before_backup = 50
     out = tmp_path / "backups"
-    env = sds_env(SDS_PERSIST_DIR=str(directory))
-    result = await run_sds_async("backup", "--out", str(out), "--json", env=env)
-    stop.set()
-    await asyncio.wait_for(task, 10)
+    env = clean_env(SDS_PERSIST_DIR=str(directory))
+    async with streaming_writer(writer, lambda i: b"\x01" + i.to_bytes(4, "big") * 64) as sent:
+        for _ in range(50):
+            await peer.receive(timeout=5)
+        committed_before_backup = 50
+        result = await run_sds_async("backup", "--out", str(out), "--json", env=env)
     assert result.returncode == 0, result.stderr
     archive = Path(json.loads(result.stdout)["archive"])
     verified = await run_sds_async("backup", "verify", str(archive))
     assert verified.returncode == 0, verified.stderr
 
     fresh = tmp_path / "fresh"
-    restored = await run_sds_async("restore", str(archive), env=sds_env(SDS_PERSIST_DIR=str(fresh)))
+    restored = await run_sds_async(
+        "restore", str(archive), env=clean_env(SDS_PERSIST_DIR=str(fresh))
+    )
     assert restored.returncode == 0, restored.stderr
     config = server.config.replace(persist_dir=fresh)
     second = await make_server(config)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from sds.backup import ARCHIVE_GLOB, verify_archive
-from tests.ops_helpers import sds_env, write_store
+from tests.helpers import clean_env
+from tests.store_files import write_store
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "backup.sh"
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ backup: ")
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="bash is no
 def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", str(SCRIPT), *args],
-        env=sds_env(**env),
+        env=clean_env(**env),
         capture_output=True,
         text=True,
         timeout=60,

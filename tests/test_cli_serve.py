@@ -29,13 +29,13 @@ def assert_config_error(result: subprocess.CompletedProcess[str], *, mentions: s
 
 
 def test_missing_secret_exits_2(tmp_path: Path) -> None:
-    result = run_sds(["serve", "--port", str(free_port())], env=clean_env(), cwd=tmp_path)
+    result = run_sds("serve", "--port", str(free_port()), env=clean_env(), cwd=tmp_path)
     assert_config_error(result, mentions="SDS_JWT_SECRET")
 
 
 def test_short_secret_exits_2(tmp_path: Path) -> None:
     result = run_sds(
-        ["serve", "--port", str(free_port())], env=clean_env(secret="too-short"), cwd=tmp_path
+        "serve", "--port", str(free_port()), env=clean_env(secret="too-short"), cwd=tmp_path
     )
     assert_config_error(result, mentions="at least 32 characters")
 
@@ -44,7 +44,11 @@ def test_short_secret_file_exits_2(tmp_path: Path) -> None:
     secret_file = tmp_path / "secret"
     secret_file.write_text("short\n")
     result = run_sds(
-        ["serve", "--port", str(free_port()), "--jwt-secret-file", str(secret_file)],
+        "serve",
+        "--port",
+        str(free_port()),
+        "--jwt-secret-file",
+        str(secret_file),
         env=clean_env(),
         cwd=tmp_path,
     )
@@ -53,7 +57,9 @@ def test_short_secret_file_exits_2(tmp_path: Path) -> None:
 
 def test_unreadable_secret_file_exits_2(tmp_path: Path) -> None:
     result = run_sds(
-        ["serve", "--port", str(free_port())],
+        "serve",
+        "--port",
+        str(free_port()),
         env=clean_env({"SDS_JWT_SECRET_FILE": str(tmp_path / "missing")}),
         cwd=tmp_path,
     )
@@ -71,7 +77,7 @@ def test_unreadable_secret_file_exits_2(tmp_path: Path) -> None:
 def test_port_not_a_number_exits_2(
     tmp_path: Path, args: list[str], env: dict[str, str], mentions: str
 ) -> None:
-    result = run_sds(["serve", *args], env=clean_env(env, secret=TEST_SECRET), cwd=tmp_path)
+    result = run_sds("serve", *args, env=clean_env(env, secret=TEST_SECRET), cwd=tmp_path)
     assert_config_error(result, mentions=mentions)
 
 
@@ -80,7 +86,11 @@ def test_persist_dir_not_writable_exits_2(tmp_path: Path) -> None:
     # file can never be created, whoever runs it.
     (tmp_path / "file").write_text("not a directory")
     result = run_sds(
-        ["serve", "--port", str(free_port()), "--persist-dir", str(tmp_path / "file" / "sub")],
+        "serve",
+        "--port",
+        str(free_port()),
+        "--persist-dir",
+        str(tmp_path / "file" / "sub"),
         cwd=tmp_path,
     )
     assert_config_error(result, mentions="persist dir")
@@ -89,13 +99,13 @@ def test_persist_dir_not_writable_exits_2(tmp_path: Path) -> None:
 def test_persist_dir_from_alias_env_not_writable_exits_2(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a directory")
     env = clean_env({"SDS_PERSISTENCE_DIR": str(tmp_path / "file" / "sub")}, secret=TEST_SECRET)
-    result = run_sds(["serve", "--port", str(free_port())], env=env, cwd=tmp_path)
+    result = run_sds("serve", "--port", str(free_port()), env=env, cwd=tmp_path)
     assert_config_error(result, mentions="persist dir")
 
 
 def test_bad_choice_exits_2(tmp_path: Path) -> None:
     env = clean_env({"SDS_VALUE_MODE": "sometimes"}, secret=TEST_SECRET)
-    result = run_sds(["serve", "--port", str(free_port())], env=env, cwd=tmp_path)
+    result = run_sds("serve", "--port", str(free_port()), env=env, cwd=tmp_path)
     assert_config_error(result, mentions="SDS_VALUE_MODE")
 
 
@@ -104,12 +114,12 @@ def test_port_in_use_exits_2_without_traceback(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_sds(["serve", "--port", str(port)], cwd=tmp_path)
+        result = run_sds("serve", "--port", str(port), cwd=tmp_path)
     assert_config_error(result, mentions="Address already in use")
 
 
 def test_unknown_option_is_a_usage_error(tmp_path: Path) -> None:
-    result = run_sds(["serve", "--no-such-option"], cwd=tmp_path)
+    result = run_sds("serve", "--no-such-option", cwd=tmp_path)
     assert_config_error(result, mentions="--no-such-option")
 
 
@@ -169,7 +179,12 @@ def test_dev_listens_on_loopback_only(tmp_path: Path) -> None:
 
 def test_dev_refuses_a_public_host(tmp_path: Path) -> None:
     result = run_sds(
-        ["serve", "--dev", "--host", "0.0.0.0", "--port", str(free_port())],
+        "serve",
+        "--dev",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(free_port()),
         env=clean_env(),
         cwd=tmp_path,
     )

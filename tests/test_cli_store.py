@@ -6,12 +6,14 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from sds.cli import cli
 from sds.storage import try_lock
 from tests.conftest import ServerFactory
-from tests.ops_helpers import db_digests, one_error_line, run_sds, sds_env, write_store
+from tests.helpers import clean_env, one_error_line, run_sds
+from tests.store_files import db_digests, write_store
 
 
 def _invoke(*args: str, persist: Path | None = None) -> tuple[int, str]:
@@ -43,7 +45,7 @@ def test_store_list_json_has_the_figures_of_every_file(tmp_path: Path) -> None:
 
 def test_store_list_prints_a_table(tmp_path: Path) -> None:
     directory = _stores(tmp_path)
-    result = run_sds("store", "list", env=sds_env(SDS_PERSIST_DIR=str(directory), COLUMNS="200"))
+    result = run_sds("store", "list", env=clean_env(SDS_PERSIST_DIR=str(directory), COLUMNS="200"))
     assert result.returncode == 0, result.stderr
     assert "notes.db" in result.stdout and "todo" in result.stdout and "ok" in result.stdout
 
@@ -58,7 +60,7 @@ def test_store_list_reports_a_corrupt_file_and_exits_1(tmp_path: Path) -> None:
     directory = _stores(tmp_path)
     (directory / "bad.db").write_bytes(b"garbage" * 1000)
     before = db_digests(directory)
-    result = run_sds("store", "list", "--json", env=sds_env(SDS_PERSIST_DIR=str(directory)))
+    result = run_sds("store", "list", "--json", env=clean_env(SDS_PERSIST_DIR=str(directory)))
     assert result.returncode == 1
     assert "bad.db" in one_error_line(result)
     assert any("error" in f for f in json.loads(result.stdout)["files"])
@@ -76,10 +78,13 @@ def test_store_inspect_by_id_and_by_file(tmp_path: Path) -> None:
     assert code == 0 and json.loads(output)["stores"][0]["store_id"] == "todo"
 
 
-def test_store_inspect_unknown_store_exits_1_and_changes_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["inspect", "compact"])
+def test_store_command_on_an_unknown_store_exits_1_and_changes_nothing(
+    tmp_path: Path, command: str
+) -> None:
     directory = _stores(tmp_path)
     before = db_digests(directory)
-    result = run_sds("store", "inspect", "nope", env=sds_env(SDS_PERSIST_DIR=str(directory)))
+    result = run_sds("store", command, "nope", env=clean_env(SDS_PERSIST_DIR=str(directory)))
     assert result.returncode == 1
     assert "unknown store" in one_error_line(result)
     assert result.stdout == ""
@@ -98,7 +103,7 @@ def test_store_inspect_corrupt_file_exits_1(tmp_path: Path) -> None:
 
 def test_store_compact_needs_an_id_or_all(tmp_path: Path) -> None:
     directory = _stores(tmp_path)
-    env = sds_env(SDS_PERSIST_DIR=str(directory))
+    env = clean_env(SDS_PERSIST_DIR=str(directory))
     for args in (("store", "compact"), ("store", "compact", "notes", "--all")):
         result = run_sds(*args, env=env)
         assert result.returncode == 2
@@ -106,15 +111,6 @@ def test_store_compact_needs_an_id_or_all(tmp_path: Path) -> None:
     result = run_sds("store", "compact", "notes", "--wait", "soon", env=env)
     assert result.returncode == 2
     one_error_line(result)
-
-
-def test_store_compact_unknown_store_exits_1(tmp_path: Path) -> None:
-    directory = _stores(tmp_path)
-    before = db_digests(directory)
-    result = run_sds("store", "compact", "nope", env=sds_env(SDS_PERSIST_DIR=str(directory)))
-    assert result.returncode == 1
-    assert "unknown store" in one_error_line(result)
-    assert db_digests(directory) == before
 
 
 def test_store_compact_gives_up_when_neither_lock_nor_server_is_available(
@@ -132,7 +128,7 @@ def test_store_compact_gives_up_when_neither_lock_nor_server_is_available(
             "0.5",
             "--url",
             "http://127.0.0.1:9",
-            env=sds_env(SDS_PERSIST_DIR=str(directory), SDS_JWT_SECRET="s" * 40),
+            env=clean_env(SDS_PERSIST_DIR=str(directory), SDS_JWT_SECRET="s" * 40),
         )
     finally:
         os.close(fd)

@@ -196,7 +196,16 @@ def test_inspect_garbage_exits_1() -> None:
 @pytest.mark.slow
 def test_real_process_mint_is_bare_and_errors_are_one_line(tmp_path: Path) -> None:
     result = run_sds(
-        ["token", "mint", "--store", "notes", "--scope", "read", "--sub", "x", "--exp", "1h"],
+        "token",
+        "mint",
+        "--store",
+        "notes",
+        "--scope",
+        "read",
+        "--sub",
+        "x",
+        "--exp",
+        "1h",
         env=clean_env({"SDS_ISSUER": "prod"}, secret=TEST_SECRET),
     )
     assert result.returncode == 0
@@ -206,22 +215,20 @@ def test_real_process_mint_is_bare_and_errors_are_one_line(tmp_path: Path) -> No
     claims = verify_token(token, TEST_SECRET, store_id="notes", issuer="prod")
     assert claims.scope == "read"
 
-    inspected = run_sds(["token", "inspect", token], env=clean_env(secret=TEST_SECRET))
+    inspected = run_sds("token", "inspect", token, env=clean_env(secret=TEST_SECRET))
     assert inspected.returncode == 0
 
-    bad = run_sds(
-        ["token", "mint", "--store", "n", "--scope", "read", "--sub", "x"], env=clean_env()
-    )
+    bad = run_sds("token", "mint", "--store", "n", "--scope", "read", "--sub", "x", env=clean_env())
     assert bad.returncode == 2
     assert len(bad.stderr.strip().splitlines()) == 1
     assert "Traceback" not in bad.stderr
 
-    invalid = run_sds(["token", "inspect", "garbage"], env=clean_env())
+    invalid = run_sds("token", "inspect", "garbage", env=clean_env())
     assert invalid.returncode == 1
     assert len(invalid.stderr.strip().splitlines()) == 1
 
     forged = run_sds(
-        ["token", "inspect", "--json", tamper_signature(token)], env=clean_env(secret=TEST_SECRET)
+        "token", "inspect", "--json", tamper_signature(token), env=clean_env(secret=TEST_SECRET)
     )
     assert forged.returncode == 1
     assert json.loads(forged.stdout)["valid"] is False

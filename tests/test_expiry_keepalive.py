@@ -12,7 +12,7 @@ import pytest
 from sds.appkeys import METRICS, RELAY
 from sds.client import ClientClosed, StoreClient, store_url
 from tests.conftest import RunningServer, ServerFactory
-from tests.hardening_helpers import RawWebSocket
+from tests.raw_ws import RawWebSocket
 
 
 async def test_connection_is_closed_with_4001_soon_after_token_exp(server: RunningServer) -> None:

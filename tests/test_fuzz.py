@@ -23,7 +23,7 @@ from sds.protocol import KEY_BYTES, SCOPES, parse_chunk
 from sds.storage import store_filename
 from sds.tokens import parse_duration
 from tests.conftest import SECRET, RunningServer
-from tests.hardening_helpers import read_rows
+from tests.store_files import read_rows
 
 FUZZ = settings(
     max_examples=50,

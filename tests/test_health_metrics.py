@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sds.client import StoreClient
 from sds.tokens import mint_token
 from tests.conftest import RunningServer, ServerFactory
-from tests.hardening_helpers import ServerProcess
+from tests.helpers import spawn_server
 
 STORE = "zebra-store-7f3a9c"
 SUBJECT = "sub-unicorn-42b1"
@@ -95,10 +95,9 @@ async def test_failed_store_write_closes_sender_1011_is_not_relayed_and_healthz_
     tmp_path: Path,
 ) -> None:
     persist = tmp_path / "stores"
-    server = ServerProcess(tmp_path, "--persist-dir", str(persist))
-    server.preexec = _limit_file_size
-    server.start()
-    try:
+    with spawn_server(
+        ["--persist-dir", str(persist)], cwd=tmp_path, preexec=_limit_file_size
+    ) as server:
         store = "full-disk"
         writer = StoreClient(server.ws_url, store, server.token(store, sub="writer"))
         peer = StoreClient(server.ws_url, store, server.token(store, sub="peer"))
@@ -127,9 +126,7 @@ async def test_failed_store_write_closes_sender_1011_is_not_relayed_and_healthz_
         assert any("storage write failed" in problem for problem in body["problems"])
         _, _, text = await _get(server.http_url + "/metrics")
         assert _value(_samples(text), "sds_storage_failures_total") >= 1
-        assert "storage write failed" in server.stderr()
-    finally:
-        server.kill()
+        assert "storage write failed" in server.stderr
 
 
 async def test_metrics_count_traffic_drops_and_refusals_without_ids(

@@ -15,8 +15,8 @@ import pytest
 from sds.appkeys import RELAY
 from sds.client import StoreClient
 from sds.tokens import mint_token
-from tests.conftest import SECRET, ServerFactory
-from tests.hardening_helpers import ServerProcess, server_process
+from tests.conftest import ServerFactory
+from tests.helpers import TEST_SECRET, ServerProcess, clean_env, spawn_server
 
 STORE = "log-store-5e1d"
 SUB = "log-subject-93c2"
@@ -64,13 +64,13 @@ async def _session_traffic(server: ServerProcess) -> list[str]:
 
 def _wait_for_lines(server: ServerProcess, text: str, count: int) -> None:
     for _ in range(100):
-        if server.stderr().count(text) >= count:
+        if server.stderr.count(text) >= count:
             return
         time.sleep(0.05)
 
 
 def _assert_no_secrets(stderr: str, tokens: list[str]) -> None:
-    assert SECRET not in stderr, "the JWT secret appears in the log"
+    assert TEST_SECRET not in stderr, "the JWT secret appears in the log"
     for index, token in enumerate(tokens):
         assert token not in stderr, f"token #{index} appears in the log"
         signature = token.rsplit(".", 1)[-1]
@@ -81,11 +81,11 @@ def _assert_no_secrets(stderr: str, tokens: list[str]) -> None:
 async def test_json_logs_have_open_and_close_lines_with_fields_and_no_tokens(
     tmp_path: Path,
 ) -> None:
-    with server_process(tmp_path, "--log-format", "json", "--log-level", "info") as server:
+    with spawn_server(["--log-format", "json", "--log-level", "info"], cwd=tmp_path) as server:
         tokens = await _session_traffic(server)
         await asyncio.to_thread(_wait_for_lines, server, '"event": "close"', 2)
         assert await asyncio.to_thread(server.stop) == 0
-    stderr = server.stderr()
+    stderr = server.stderr
     entries = [json.loads(line) for line in stderr.splitlines() if line.strip()]
     for entry in entries:
         assert {"time", "level", "logger", "message"} <= set(entry)
@@ -110,11 +110,11 @@ async def test_json_logs_have_open_and_close_lines_with_fields_and_no_tokens(
 
 @pytest.mark.slow
 async def test_text_logs_have_one_line_per_open_and_close(tmp_path: Path) -> None:
-    with server_process(tmp_path, "--log-format", "text") as server:
+    with spawn_server(["--log-format", "text"], cwd=tmp_path) as server:
         tokens = await _session_traffic(server)
         await asyncio.to_thread(_wait_for_lines, server, " close store=", 2)
         assert await asyncio.to_thread(server.stop) == 0
-    stderr = server.stderr()
+    stderr = server.stderr
     assert stderr.count(f"open store={STORE} scope=write sub={SUB}\n") == 1
     assert stderr.count(f"open store={STORE} scope=read sub={SUB}-reader\n") == 1
     assert stderr.count(f"close store={STORE} scope=write sub={SUB} code=") == 1
@@ -127,12 +127,11 @@ async def test_text_logs_have_one_line_per_open_and_close(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 async def test_log_level_warning_hides_connection_lines(tmp_path: Path) -> None:
-    with server_process(
-        tmp_path, env={"SDS_LOG_LEVEL": "warning", "SDS_LOG_FORMAT": "json"}
-    ) as server:
+    env = clean_env({"SDS_LOG_LEVEL": "warning", "SDS_LOG_FORMAT": "json"}, secret=TEST_SECRET)
+    with spawn_server(env=env, cwd=tmp_path) as server:
         tokens = await _session_traffic(server)
         assert await asyncio.to_thread(server.stop) == 0
-    stderr = server.stderr()
+    stderr = server.stderr
     entries = [json.loads(line) for line in stderr.splitlines() if line.strip()]
     assert not [e for e in entries if e.get("event") in ("open", "close")]
     assert all(e["level"] in ("warning", "error", "critical") for e in entries)

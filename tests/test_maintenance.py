@@ -20,7 +20,7 @@ from sds.maintenance import (
     resolve_store,
 )
 from sds.storage import SCHEMA, SQLITE_VERSION, store_filename
-from tests.ops_helpers import write_store
+from tests.store_files import write_store
 
 
 def test_inspect_figures_match_what_was_written(tmp_path: Path) -> None:

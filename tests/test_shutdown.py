@@ -12,7 +12,9 @@ import pytest
 
 from sds.client import ClientClosed, StoreClient, store_url
 from sds.storage import store_filename
-from tests.hardening_helpers import RawWebSocket, ServerProcess, read_rows, server_process
+from tests.helpers import ServerProcess, spawn_server
+from tests.raw_ws import RawWebSocket
+from tests.store_files import read_rows
 
 SHUTDOWN_TIMEOUT = 6.0
 
@@ -53,9 +55,8 @@ async def test_signal_closes_clients_with_1001_flushes_and_exits_0(
 ) -> None:
     persist = tmp_path / "stores"
     store = "shutdown-store"
-    with server_process(
-        tmp_path, "--persist-dir", str(persist), "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)
-    ) as server:
+    args = ["--persist-dir", str(persist), "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)]
+    with spawn_server(args, cwd=tmp_path) as server:
         writer = StoreClient(server.ws_url, store, server.token(store, sub="writer"))
         reader = StoreClient(server.ws_url, store, server.token(store, scope="read", sub="r"))
         await writer.connect()
@@ -86,15 +87,15 @@ async def test_signal_closes_clients_with_1001_flushes_and_exits_0(
     assert [b"\x01" + data for _, data in stored] == sent[: len(stored)]
     assert len(stored) >= len(received)
     assert received == sent[: len(received)]
-    assert "storage flushed and closed" in server.stderr()
-    assert "Traceback" not in server.stderr()
+    assert "storage flushed and closed" in server.stderr
+    assert "Traceback" not in server.stderr
 
 
 @pytest.mark.slow
 async def test_patches_acknowledged_just_before_sigterm_are_on_disk(tmp_path: Path) -> None:
     persist = tmp_path / "stores"
     store = "flush-store"
-    with server_process(tmp_path, "--persist-dir", str(persist)) as server:
+    with spawn_server(["--persist-dir", str(persist)], cwd=tmp_path) as server:
         writer = StoreClient(server.ws_url, store, server.token(store, sub="writer"))
         reader = StoreClient(server.ws_url, store, server.token(store, sub="reader"))
         await writer.connect()
@@ -118,7 +119,7 @@ async def test_after_sigterm_new_clients_are_refused_and_a_stalled_reader_does_n
     tmp_path: Path,
 ) -> None:
     store = "stuck-store"
-    with server_process(tmp_path, "--shutdown-timeout", "4") as server:
+    with spawn_server(["--shutdown-timeout", "4"], cwd=tmp_path) as server:
         path = store_url("", store, server.token(store, scope="read", sub="stuck"))
         stuck = await asyncio.to_thread(RawWebSocket.connect, server.port, path)
         writer = StoreClient(server.ws_url, store, server.token(store, sub="writer"))
@@ -128,16 +129,15 @@ async def test_after_sigterm_new_clients_are_refused_and_a_stalled_reader_does_n
                 await writer.send(b"\x01" + b"f" * 65536)
             await asyncio.sleep(0.2)
             started = time.monotonic()
-            assert server.process is not None
-            server.process.send_signal(signal.SIGTERM)
+            server.send_signal(signal.SIGTERM)
             refused = await _new_connection_refused(server, store)
-            code = await asyncio.to_thread(server.process.wait, 15.0)
+            code = await asyncio.to_thread(server.wait, 15.0)
             elapsed = time.monotonic() - started
         finally:
             stuck.close()
             await writer.close()
     assert refused
-    assert code == 0, server.stderr()
+    assert code == 0, server.stderr
     assert elapsed < 4
 
 

@@ -11,13 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sds.client import StoreClient, store_url
-from tests.hardening_helpers import (
-    RawWebSocket,
-    ServerProcess,
-    http_get,
-    rss_kib,
-    server_process,
-)
+from tests.helpers import ServerProcess, http_get, rss_kib, spawn_server
+from tests.raw_ws import RawWebSocket
 
 FRAME_BYTES = 64 * 1024
 FRAMES = 768
@@ -63,7 +58,7 @@ async def _read_in_order(client: StoreClient, progress: list[int], index: int) -
 async def test_stalled_reader_is_closed_with_1013_and_memory_stays_bounded(
     tmp_path: Path,
 ) -> None:
-    with server_process(tmp_path, "--max-client-buffer-bytes", str(CLIENT_BUFFER)) as server:
+    with spawn_server(["--max-client-buffer-bytes", str(CLIENT_BUFFER)], cwd=tmp_path) as server:
         await _stream_past_a_stalled_reader(server)
 
 

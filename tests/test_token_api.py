@@ -13,6 +13,7 @@ import pytest
 from sds.tokens import verify_token
 from tests.badtokens import refused_tokens
 from tests.conftest import SECRET, RunningServer, ServerFactory
+from tests.test_tokens import EXPIRY_DURATIONS
 
 STORE = "team"
 
@@ -96,18 +97,7 @@ async def test_aud_comes_from_the_admin_token_never_the_body(
     assert claims_of(body["token"])["aud"] == STORE
 
 
-@pytest.mark.parametrize(
-    ("exp", "seconds"),
-    [
-        ("90s", 90),
-        ("30m", 1800),
-        ("1h", 3600),
-        ("7d", 7 * 86400),
-        ("2 days", 2 * 86400),
-        ("1.5h", 5400),
-        (120, 120),
-    ],
-)
+@pytest.mark.parametrize(("exp", "seconds"), [*EXPIRY_DURATIONS, (120, 120)])
 async def test_exp_durations(
     server: RunningServer, session: aiohttp.ClientSession, exp: Any, seconds: int
 ) -> None:

@@ -151,15 +151,21 @@ def test_decode_unverified_shows_claims_of_a_foreign_token() -> None:
         decode_unverified("garbage")
 
 
+EXPIRY_DURATIONS = [
+    ("90s", 90),
+    ("30m", 1800),
+    ("1h", 3600),
+    ("7d", 7 * 86400),
+    ("2 days", 2 * 86400),
+    ("1.5h", 5400),
+]
+"""Expiry texts and their seconds, for every place that takes one (also /api/token)."""
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [
-        ("90s", 90),
-        ("30m", 1800),
-        ("1h", 3600),
-        ("7d", 7 * 86400),
-        ("2 days", 2 * 86400),
-        ("1.5h", 5400),
+        *EXPIRY_DURATIONS,
         ("1 hour", 3600),
         ("2 weeks", 14 * 86400),
         ("1y", 365.25 * 86400),

@@ -8,7 +8,7 @@ import json
 
 from sds.cli.watch import describe_frame, watch_url
 from tests.conftest import RunningServer
-from tests.ops_helpers import SDS, SUBPROCESS_TIMEOUT, one_error_line, run_sds_async, sds_env
+from tests.helpers import SDS, SUBPROCESS_TIMEOUT, clean_env, one_error_line, run_sds_async
 
 LINE_TIMEOUT = 10.0
 
@@ -38,7 +38,7 @@ async def test_watch_prints_each_frame_live_as_json(server: RunningServer) -> No
         "--json",
         "--count",
         "3",
-        env=sds_env(SDS_TOKEN=server.token("w", "read", "watcher")),
+        env=clean_env(SDS_TOKEN=server.token("w", "read", "watcher")),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
