@@ -974,7 +974,7 @@ async def fanout(env: Env, a: argparse.Namespace) -> dict[str, Any]:
             "cpu_pct": cpu["generator_pct"],
             "procs": procs + 1,
             "cores_available": gen_cores,
-            "saturated": cpu["generator_pct"] >= 90 * gen_cores if gen_cores else False,
+            "saturated": cpu["generator_pct"] >= 85 * gen_cores if gen_cores else False,
         },
         "machine": {k: cpu[k] for k in ("cpus", "machine_busy_pct", "other_pct")},
         "errors": errors,
