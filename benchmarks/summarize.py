@@ -43,6 +43,10 @@ def fmt(x: float | None, digits: int = 0) -> str:
     return "-" if x is None else f"{x:,.{digits}f}"
 
 
+def kib_to_mib(x: float | None) -> float | None:
+    return None if x is None else x / 1024
+
+
 def group(rows: Sequence[Row], key: Callable[[Row], tuple[Any, ...]]) -> list[list[Row]]:
     groups: dict[tuple[Any, ...], list[Row]] = {}
     for r in rows:
@@ -85,7 +89,7 @@ def fanout_table(rows: Sequence[Row]) -> str:
                 fmt(median(g, "server.efficiency")),
                 fmt(median(g, "generator.cpu_pct")),
                 fmt(median(g, "machine.other_pct")),
-                fmt(median(g, "server.rss_kib.peak") and median(g, "server.rss_kib.peak") / 1024),
+                fmt(kib_to_mib(median(g, "server.rss_kib.peak"))),
                 "-"
                 if not replay
                 else f"{sum(x['complete'] for x in replay)}/{len(replay)} complete",
