@@ -128,6 +128,8 @@ async def test_latency_at_a_fixed_rate_in_one_process(make_server: ServerFactory
         "1",
         "--procs",
         "0",
+        "--receiver",
+        "aiohttp",
     )
     assert result["lost"] == 0
     assert result["echoed"] == 0
