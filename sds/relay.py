@@ -298,17 +298,6 @@ async def accept_client(
     return client
 
 
-class _Pending:
-    """One frame in a store's ordered queue; ``write`` is None for frames that store nothing."""
-
-    __slots__ = ("data", "sender", "write")
-
-    def __init__(self, data: bytes, sender: Any, write: Write | None) -> None:
-        self.data = data
-        self.sender = sender
-        self.write = write
-
-
 class LiveStore:
     """The clients of one store and the ordered relay of their frames.
 
@@ -324,7 +313,8 @@ class LiveStore:
         self.relayed_clock = 0
         self.idle_handle: asyncio.TimerHandle | None = None
         self._clients: dict[Any, Callable[[bytes], None] | None] = {}
-        self._queue: deque[_Pending] = deque()
+        # (frame, sender, write): write is None for frames that store nothing.
+        self._queue: deque[tuple[bytes, Any, Write | None]] = deque()
         self._room = asyncio.Event()
         self._room.set()
         self._drained_callbacks: list[Callable[[], None]] = []
@@ -369,7 +359,7 @@ class LiveStore:
     def relay(self, data: bytes, sender: Any) -> None:
         """Relay a frame that stores nothing, behind any writes still committing."""
         if self._queue:
-            self._queue.append(_Pending(data, sender, None))
+            self._queue.append((data, sender, None))
         else:
             self.broadcast(data, sender)
 
@@ -378,7 +368,7 @@ class LiveStore:
 
         A write that fails is never relayed and its sender is closed with 1011.
         """
-        self._queue.append(_Pending(data, sender, write))
+        self._queue.append((data, sender, write))
         if len(self._queue) >= QUEUE_HIGH_WATER:
             self._room.clear()
         batch = write.batch
@@ -390,21 +380,20 @@ class LiveStore:
         """A group commit finished: relay every frame at the head whose write is decided."""
         queue = self._queue
         while queue:
-            head = queue[0]
-            write = head.write
+            data, sender, write = queue[0]
             if write is not None:
                 if write.committed is None:
                     break
                 if not write.committed:
                     queue.popleft()
-                    close = getattr(head.sender, "close", None)
+                    close = getattr(sender, "close", None)
                     if close is not None:
                         close(CLOSE_INTERNAL_ERROR, "storage failure")
                     continue
                 if write.clock is not None:
                     self.relayed_clock = write.clock
             queue.popleft()
-            self.broadcast(head.data, head.sender)
+            self.broadcast(data, sender)
         if len(queue) < QUEUE_HIGH_WATER:
             self._room.set()
         if not queue and self._drained_callbacks:

@@ -385,7 +385,9 @@ class StoreLog:
         self.value_mode = value_mode
 
     def append_patch(self, payload: bytes) -> Write:
-        return self.file.submit(Write(self.store_id, "patch", payload))
+        # sqlite3 binds a bytearray as a BLOB directly; a bytes parameter first goes
+        # through the adapter lookup, which raises and clears an AttributeError per row.
+        return self.file.submit(Write(self.store_id, "patch", bytearray(payload)))
 
     def put_value(self, key: str, value: bytes, payload: bytes) -> Write:
         """Store a VALUE: as a blob, or (snapshot mode) as the store snapshot."""
