@@ -138,7 +138,7 @@ class Write:
 
     __slots__ = ("batch", "clock", "committed", "data", "key", "kind", "store_id")
 
-    def __init__(self, store_id: str, kind: str, data: bytes, key: str = "") -> None:
+    def __init__(self, store_id: str, kind: str, data: bytes | bytearray, key: str = "") -> None:
         self.store_id = store_id
         self.kind = kind
         self.data = data
@@ -384,7 +384,7 @@ class StoreLog:
         self.store_id = store_id
         self.value_mode = value_mode
 
-    def append_patch(self, payload: bytes) -> Write:
+    def append_patch(self, payload: bytes | memoryview) -> Write:
         # sqlite3 binds a bytearray as a BLOB directly; a bytes parameter first goes
         # through the adapter lookup, which raises and clears an AttributeError per row.
         return self.file.submit(Write(self.store_id, "patch", bytearray(payload)))
