@@ -952,6 +952,34 @@ async def catch_up(
     return out
 
 
+async def replay_writers(
+    session: aiohttp.ClientSession,
+    env: Env,
+    writers: Sequence[Writer],
+    timeout: float,
+    *,
+    concurrent: bool,
+) -> dict[str, Any]:
+    """A fresh read client per writer's store must get back every frame that writer sent."""
+
+    def one(w: Writer) -> Any:
+        return catch_up(
+            session,
+            env.url_for(env.store_id(w.stream), "read", "replay"),
+            run_id=env.run_id,
+            stream=w.stream,
+            expected=w.sent,
+            timeout=timeout,
+            quiet=0.3,
+        )
+
+    if concurrent:
+        parts = list(await asyncio.gather(*(one(w) for w in writers)))
+    else:
+        parts = [await one(w) for w in writers]
+    return merge_replays(parts)
+
+
 def merge_replays(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     total: dict[str, Any] = {"stores": len(parts)}
     for key in ("expected", "replayed", "duplicates", "out_of_order", "gaps", "other_frames"):
@@ -1139,19 +1167,7 @@ async def fanout(env: Env, a: argparse.Namespace) -> dict[str, Any]:
 
         replay = None
         if a.replay_check:
-            parts = [
-                await catch_up(
-                    session,
-                    env.url_for(env.store_id(w.stream), "read", "replay"),
-                    run_id=env.run_id,
-                    stream=w.stream,
-                    expected=w.sent,
-                    timeout=a.replay_timeout,
-                    quiet=0.3,
-                )
-                for w in writers
-            ]
-            replay = merge_replays(parts)
+            replay = await replay_writers(session, env, writers, a.replay_timeout, concurrent=False)
 
     cpu = CpuMeter.report(cpu0, cpu1)
     secs = cpu["seconds"]
@@ -1347,21 +1363,7 @@ async def replay(env: Env, a: argparse.Namespace) -> dict[str, Any]:
             await w.close()
         await witnesses.close()
         await asyncio.sleep(a.pause)
-        parts = await asyncio.gather(
-            *(
-                catch_up(
-                    session,
-                    env.url_for(env.store_id(w.stream), "read", "replay"),
-                    run_id=env.run_id,
-                    stream=w.stream,
-                    expected=w.sent,
-                    timeout=a.replay_timeout,
-                    quiet=0.3,
-                )
-                for w in writers
-            )
-        )
-    total = merge_replays(parts)
+        total = await replay_writers(session, env, writers, a.replay_timeout, concurrent=True)
     return {
         "scenario": "replay",
         "params": {
