@@ -26,7 +26,7 @@ from sds.ws_handler import ws_handler
 
 log = logging.getLogger(__name__)
 
-CHUNK_SWEEP_SECONDS = 1.0
+HOUSEKEEPING_SECONDS = 1.0
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -93,7 +93,7 @@ async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
         storage=storage,
         metrics=metrics,
     )
-    sweeper = asyncio.create_task(_sweep_chunks(app))
+    sweeper = asyncio.create_task(_housekeeping(app))
     try:
         yield
     finally:
@@ -106,11 +106,12 @@ async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
             log.info("storage flushed and closed")
 
 
-async def _sweep_chunks(app: web.Application) -> None:
-    """Drop VALUE_CHUNK sequences that stopped arriving (bounded in time, not only size)."""
+async def _housekeeping(app: web.Application) -> None:
+    """Every second: log a due auth-failure summary, drop chunk sequences that stopped."""
     state = app[STATE]
     while True:
-        await asyncio.sleep(CHUNK_SWEEP_SECONDS)
+        await asyncio.sleep(HOUSEKEEPING_SECONDS)
+        state.auth_failures.flush_if_due()
         for client in list(state.clients):
             if client.chunks is not None:
                 client.chunks.expire()

@@ -85,8 +85,12 @@ class AuthFailures:
     def record(self, reason: str) -> None:
         self.metrics.auth_failures[reason] += 1
         self._since_log[reason] += 1
+        self.flush_if_due()
+
+    def flush_if_due(self) -> None:
+        """Log the summary when an interval has passed since the last one (and there is one)."""
         now = time.monotonic()
-        if now - self._last_log >= self.interval:
+        if self._since_log and now - self._last_log >= self.interval:
             self.flush(now)
 
     def flush(self, now: float | None = None) -> None:

@@ -179,3 +179,28 @@ def test_json_formatter_emits_extra_fields_as_keys() -> None:
     assert isinstance(entry["obj"], str)
     assert "args" not in entry
     assert "msg" not in entry
+
+
+def test_auth_failure_summary_is_logged_once_the_interval_passes_even_without_new_refusals(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import time as _time
+
+    from sds.auth import AuthFailures
+    from sds.metrics import Metrics
+
+    caplog.set_level(logging.WARNING, logger="sds.auth")
+    failures = AuthFailures(Metrics(), interval=0.2)
+    for _ in range(5):
+        failures.record("expired")
+    failures.record("bad_signature")
+    lines = [r.getMessage() for r in caplog.records if r.name == "sds.auth"]
+    assert lines == ["refused tokens since last report: expired=1"]
+    failures.flush_if_due()
+    assert len([r for r in caplog.records if r.name == "sds.auth"]) == 1
+    _time.sleep(0.25)
+    failures.flush_if_due()
+    lines = [r.getMessage() for r in caplog.records if r.name == "sds.auth"]
+    assert lines[-1] == "refused tokens since last report: bad_signature=1, expired=4"
+    failures.flush_if_due()
+    assert len([r for r in caplog.records if r.name == "sds.auth"]) == 2
