@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
@@ -220,12 +220,6 @@ class Client:
                 return
             await asyncio.sleep(0.005)
 
-    def write_buffer_size(self) -> int:
-        """Bytes queued here or in the socket and not yet sent."""
-        transport = self.transport
-        socket_bytes = transport.get_write_buffer_size() if transport is not None else 0
-        return self._out_bytes + socket_bytes
-
     def close_slow(self) -> None:
         """A client that cannot keep up is closed with 1013 instead of growing memory."""
         if not self.closing:
@@ -321,11 +315,8 @@ class LiveStore:
         self._watched_batch: asyncio.Future[None] | None = None
 
     def __len__(self) -> int:
+        """How many clients are connected."""
         return len(self._clients)
-
-    @property
-    def clients(self) -> Iterable[Any]:
-        return self._clients.keys()
 
     def add_client(self, client: Peer) -> None:
         """Start relaying this store's frames to ``client``."""
