@@ -241,8 +241,11 @@ class Client:
         spawn(_close_ws(self.ws, self.transport, code, reason))
 
 
-CLOSE_SECONDS = 5.0
-"""How long a close may wait for the peer to take the close frame before the socket is cut."""
+CLOSE_SECONDS = 30.0
+"""How long a close may wait for the peer to take the close frame before the socket is cut.
+
+A slow consumer's backlog is bounded and grows no more once it is closing, so a
+peer that resumes reading within this time still receives its 1013 close frame."""
 
 
 async def _close_ws(
