@@ -128,12 +128,26 @@ def encode_server_frame(payload: bytes, *, text: bool = False) -> bytes:
     transports; a broadcast to N clients would otherwise build N identical frames.
     Server frames are never masked (RFC 6455 5.1), so the header is all there is.
     """
-    length = len(payload)
-    first = _TEXT_FIN if text else _BINARY_FIN
+    return _frame_header(len(payload), _TEXT_FIN if text else _BINARY_FIN) + payload
+
+
+def encode_server_frames(payloads: list[bytes]) -> bytes:
+    """Binary messages back to back in one buffer: a run of relayed frames, one write."""
+    parts: list[bytes] = []
+    append = parts.append
+    for payload in payloads:
+        length = len(payload)
+        append(_BINARY_HEADERS[length] if length < 126 else _frame_header(length, _BINARY_FIN))
+        append(payload)
+    return b"".join(parts)
+
+
+def _frame_header(length: int, first: int) -> bytes:
     if length < 126:
-        header = _LEN1.pack(first, length)
-    elif length < 65536:
-        header = _LEN2.pack(first, 126, length)
-    else:
-        header = _LEN3.pack(first, 127, length)
-    return header + payload
+        return _LEN1.pack(first, length)
+    if length < 65536:
+        return _LEN2.pack(first, 126, length)
+    return _LEN3.pack(first, 127, length)
+
+
+_BINARY_HEADERS = tuple(_frame_header(length, _BINARY_FIN) for length in range(126))

@@ -28,12 +28,12 @@ from aiohttp import web
 
 from sds.background import spawn
 from sds.metrics import Metrics
-from sds.protocol import encode_server_frame
+from sds.protocol import encode_server_frame, encode_server_frames
 from sds.storage import StorageError
 
 if TYPE_CHECKING:
     from sds.config import Config
-    from sds.storage import Storage, StoreLog, Write
+    from sds.storage import Commit, Storage, StoreLog
     from sds.tokens import Claims
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,10 @@ class Client:
         "_flusher",
         "_held",
         "_held_bytes",
+        "_held_frames",
         "_out",
         "_out_bytes",
+        "_out_frames",
         "can_write",
         "chunks",
         "close_code",
@@ -127,8 +129,10 @@ class Client:
         self._flusher = flusher
         self._out: list[bytes] = []
         self._out_bytes = 0
+        self._out_frames = 0
         self._held: list[bytes] | None = None
         self._held_bytes = 0
+        self._held_frames = 0
 
     def attach(self, transport: asyncio.Transport | None) -> None:
         """Bind the client to its socket once the upgrade is done."""
@@ -152,13 +156,14 @@ class Client:
         """Queue one frame (payload bytes) for this client."""
         self.deliver(encode_server_frame(data))
 
-    def deliver(self, frame: bytes) -> None:
-        """Queue one already encoded WebSocket message; close with 1013 past the bound."""
+    def deliver(self, frame: bytes, frames: int = 1) -> None:
+        """Queue already encoded WebSocket messages (``frames`` of them); close with 1013 past the bound."""
         if self.closing:
             return
         if self._held is not None:
             self._held.append(frame)
             self._held_bytes += len(frame)
+            self._held_frames += frames
             if self._held_bytes > self.limit:
                 self.close_slow()
             return
@@ -168,6 +173,7 @@ class Client:
             return
         self._out.append(frame)
         self._out_bytes = backlog + len(frame)
+        self._out_frames += frames
         if backlog == 0:
             self._flusher.mark(self)
 
@@ -176,13 +182,15 @@ class Client:
         out = self._out
         if not out or self.closing:
             return
+        frames = self._out_frames
         self._out = []
         self._out_bytes = 0
+        self._out_frames = 0
         transport = self.transport
         if transport is None or transport.is_closing():
             return
         transport.writelines(out)
-        self.metrics.frames_sent += len(out)
+        self.metrics.frames_sent += frames
         if transport.get_write_buffer_size() > self.limit:
             self.close_slow()
 
@@ -194,9 +202,10 @@ class Client:
     def release(self) -> None:
         """Send the frames held back during catch-up, then go live."""
         held, self._held = self._held, None
+        frames, self._held_frames = self._held_frames, 0
         self._held_bytes = 0
-        for frame in held or ():
-            self.deliver(frame)
+        if held:
+            self.deliver(b"".join(held), frames)
 
     async def send_history(self, frames: list[bytes]) -> None:
         """Send stored frames ahead of anything held back, pacing on the socket, not memory."""
@@ -238,6 +247,7 @@ class Client:
             self.transport.writelines(self._out)
         self._out = []
         self._out_bytes = 0
+        self._out_frames = 0
         spawn(_close_ws(self.ws, self.transport, code, reason))
 
 
@@ -295,6 +305,18 @@ async def accept_client(
     return client
 
 
+class Waiting:
+    """Frames of one sender that wait for one commit, and for everything queued before them."""
+
+    __slots__ = ("commit", "frames", "sender", "writes")
+
+    def __init__(self, commit: Commit, sender: Any, data: bytes, *, writes: bool) -> None:
+        self.commit = commit
+        self.sender = sender
+        self.frames = [data]
+        self.writes = writes
+
+
 class LiveStore:
     """The clients of one store and the ordered relay of their frames.
 
@@ -309,13 +331,15 @@ class LiveStore:
         self.log: StoreLog | None = None
         self.relayed_clock = 0
         self.idle_handle: asyncio.TimerHandle | None = None
-        self._clients: dict[Any, Callable[[bytes], None] | None] = {}
-        # (frame, sender, write): write is None for frames that store nothing.
-        self._queue: deque[tuple[bytes, Any, Write | None]] = deque()
+        self._clients: dict[Any, Callable[..., None] | None] = {}
+        # Runs of frames waiting for their commit, in the order they arrived.
+        self._queue: deque[Waiting] = deque()
+        self._tail: Waiting | None = None
+        self._queued = 0
         self._room = asyncio.Event()
         self._room.set()
         self._drained_callbacks: list[Callable[[], None]] = []
-        self._watched_batch: asyncio.Future[None] | None = None
+        self._watched: Commit | None = None
 
     def __len__(self) -> int:
         """How many clients are connected."""
@@ -350,45 +374,85 @@ class LiveStore:
         self.metrics.frames_relayed += 1
         self.metrics.bytes_relayed += len(data) * receivers
 
+    def broadcast_run(self, frames: list[bytes], sender: Any = None) -> None:
+        """Relay frames of one sender to every other client, encoded once into one buffer."""
+        if len(frames) == 1:
+            self.broadcast(frames[0], sender)
+            return
+        run: bytes | None = None
+        receivers = 0
+        for client, deliver in self._clients.items():
+            if client is sender:
+                continue
+            receivers += 1
+            if deliver is None:
+                for data in frames:
+                    client.send(data)
+                continue
+            if run is None:
+                run = encode_server_frames(frames)
+            deliver(run, len(frames))
+        self.metrics.frames_relayed += len(frames)
+        self.metrics.bytes_relayed += sum(map(len, frames)) * receivers
+
     def relay(self, data: bytes, sender: Any) -> None:
         """Relay a frame that stores nothing, behind any writes still committing."""
-        if self._queue:
-            self._queue.append((data, sender, None))
-        else:
+        tail = self._tail
+        if tail is None:
             self.broadcast(data, sender)
+        elif tail.sender is sender:
+            tail.frames.append(data)
+            self._queued += 1
+        else:
+            self._wait(tail.commit, sender, data, writes=False)
 
-    def relay_after_commit(self, data: bytes, sender: Any, write: Write) -> None:
-        """Relay ``data`` once its write, and every write queued before it, has committed.
+    def relay_after_commit(self, data: bytes, sender: Any, commit: Commit) -> None:
+        """Relay ``data`` once its commit, and every commit queued before it, is done.
 
-        A write that fails is never relayed and its sender is closed with 1011.
+        A write whose commit fails is never relayed and its sender is closed with
+        1011 (with the frames it sent after it that waited for the same commit).
         """
-        self._queue.append((data, sender, write))
-        if len(self._queue) >= QUEUE_HIGH_WATER:
+        tail = self._tail
+        if tail is not None and tail.sender is sender and tail.commit is commit:
+            tail.frames.append(data)
+            tail.writes = True
+            self._queued += 1
+        else:
+            self._wait(commit, sender, data, writes=True)
+        if self._queued >= QUEUE_HIGH_WATER:
             self._room.clear()
-        batch = write.batch
-        if batch is not None and batch is not self._watched_batch:
-            self._watched_batch = batch
-            batch.add_done_callback(self._on_commit)
 
-    def _on_commit(self, _batch: asyncio.Future[None]) -> None:
-        """A group commit finished: relay every frame at the head whose write is decided."""
+    def _wait(self, commit: Commit, sender: Any, data: bytes, *, writes: bool) -> None:
+        tail = self._tail = Waiting(commit, sender, data, writes=writes)
+        self._queue.append(tail)
+        self._queued += 1
+        if commit is not self._watched:
+            self._watched = commit
+            commit.done.add_done_callback(self._on_commit)
+
+    def _on_commit(self, _done: asyncio.Future[None]) -> None:
+        """A group commit finished: relay every run at the head whose commit is decided."""
         queue = self._queue
         while queue:
-            data, sender, write = queue[0]
-            if write is not None:
-                if write.committed is None:
-                    break
-                if not write.committed:
-                    queue.popleft()
-                    close = getattr(sender, "close", None)
-                    if close is not None:
-                        close(CLOSE_INTERNAL_ERROR, "storage failure")
-                    continue
-                if write.clock is not None:
-                    self.relayed_clock = write.clock
+            waiting = queue[0]
+            commit = waiting.commit
+            if commit.ok is None:
+                break
             queue.popleft()
-            self.broadcast(data, sender)
-        if len(queue) < QUEUE_HIGH_WATER:
+            self._queued -= len(waiting.frames)
+            if commit.ok:
+                clock = commit.clocks.get(self.store_id)
+                if clock is not None:
+                    self.relayed_clock = clock
+            elif waiting.writes:
+                close = getattr(waiting.sender, "close", None)
+                if close is not None:
+                    close(CLOSE_INTERNAL_ERROR, "storage failure")
+                continue
+            self.broadcast_run(waiting.frames, waiting.sender)
+        if not queue:
+            self._tail = None
+        if self._queued < QUEUE_HIGH_WATER:
             self._room.set()
         if not queue and self._drained_callbacks:
             callbacks, self._drained_callbacks = self._drained_callbacks, []

@@ -139,7 +139,7 @@ def handle_frame(store: LiveStore, client: Client, data: bytes) -> None:
         store.relay(data, client)
         return
     if msg_type == PATCH:
-        store.relay_after_commit(data, client, log_.append_patch(memoryview(data)[1:]))
+        store.relay_after_commit(data, client, log_.append_patch(data))
     elif msg_type == VALUE and len(data) > 1 + KEY_BYTES:
         key = data[1 : 1 + KEY_BYTES].hex()
         store.relay_after_commit(data, client, log_.put_value(key, data[1 + KEY_BYTES :], data[1:]))
