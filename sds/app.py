@@ -169,7 +169,12 @@ async def metrics_handler(request: web.Request) -> web.Response:
     """Prometheus text exposition of the server's counters."""
     from sds.metrics import CONTENT_TYPE, render_prometheus
 
-    body = render_prometheus(request.app[METRICS])
+    metrics = request.app[METRICS]
+    storage = request.app.get(STORAGE)
+    if storage is not None:
+        # A gauge read when scraped: counting it per write would cost on the hot path.
+        metrics.commit_queue_depth = storage.queued_writes()
+    body = render_prometheus(metrics)
     return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
 
 

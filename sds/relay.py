@@ -336,6 +336,8 @@ class LiveStore:
         self._queue: deque[Waiting] = deque()
         self._tail: Waiting | None = None
         self._queued = 0
+        self.full = False
+        """True while QUEUE_HIGH_WATER frames wait for their commit: writers are not read."""
         self._room = asyncio.Event()
         self._room.set()
         self._drained_callbacks: list[Callable[[], None]] = []
@@ -420,6 +422,7 @@ class LiveStore:
         else:
             self._wait(commit, sender, data, writes=True)
         if self._queued >= QUEUE_HIGH_WATER:
+            self.full = True
             self._room.clear()
 
     def _wait(self, commit: Commit, sender: Any, data: bytes, *, writes: bool) -> None:
@@ -453,6 +456,7 @@ class LiveStore:
         if not queue:
             self._tail = None
         if self._queued < QUEUE_HIGH_WATER:
+            self.full = False
             self._room.set()
         if not queue and self._drained_callbacks:
             callbacks, self._drained_callbacks = self._drained_callbacks, []
@@ -470,9 +474,6 @@ class LiveStore:
     async def wait_for_room(self) -> None:
         """Backpressure for writers: wait while too many frames wait for their commit."""
         await self._room.wait()
-
-    def has_room(self) -> bool:
-        return self._room.is_set()
 
 
 HISTORY_STALL_SECONDS = 30.0

@@ -212,6 +212,7 @@ class StoreFile:
         self._lock_fd: int | None = None
         self._clocks: dict[str, int] = {}
         self._next: Commit | None = None
+        self._writing = 0
         self._committer: asyncio.Task[None] | None = None
         self._io = asyncio.Lock()
 
@@ -264,14 +265,16 @@ class StoreFile:
         """Queue a patch for the next group commit, which is returned."""
         commit = self._next or self._begin()
         commit.add_patch(store_id, payload)
-        self.metrics.commit_queue_depth += 1
         return commit
+
+    def queued_writes(self) -> int:
+        """Writes waiting for their commit: the one being written and the next."""
+        return self._writing + (self._next.size if self._next is not None else 0)
 
     def submit(self, write: Write) -> Commit:
         """Queue a blob or snapshot write for the next group commit, which is returned."""
         commit = self._next or self._begin()
         commit.add(write)
-        self.metrics.commit_queue_depth += 1
         return commit
 
     def _begin(self) -> Commit:
@@ -306,6 +309,7 @@ class StoreFile:
 
     async def _commit(self, commit: Commit) -> None:
         started = time.perf_counter()
+        self._writing = commit.size
         clocks_before = dict(self._clocks)
         try:
             async with self._io:
@@ -343,11 +347,11 @@ class StoreFile:
             self.failure = None
             commit.ok = True
         finally:
+            self._writing = 0
             elapsed = time.perf_counter() - started
             self.metrics.commits += 1
             self.metrics.commit_seconds_total += elapsed
             self.metrics.commit_seconds_max = max(self.metrics.commit_seconds_max, elapsed)
-            self.metrics.commit_queue_depth -= commit.size
 
     async def _write_ops(self, ops: list[PatchRun | Write], commit: Commit) -> None:
         """Write a commit's operations in order, inside its transaction."""
@@ -517,6 +521,10 @@ class Storage:
 
     def open_files(self) -> list[StoreFile]:
         return list(self._files.values())
+
+    def queued_writes(self) -> int:
+        """Writes waiting for their commit, in all open files."""
+        return sum(file.queued_writes() for file in self._files.values())
 
     async def acquire(self, store_id: str) -> StoreLog:
         """Open (or reuse) the file of a store for one more user."""

@@ -117,7 +117,7 @@ async def _read_frames(ws: web.WebSocketResponse, store: LiveStore, client: Clie
             if client.closing:
                 continue
             handle_frame(store, client, data)
-            if not store.has_room():
+            if store.full:
                 await store.wait_for_room()
         elif msg.type is WSMsgType.TEXT:
             metrics.frames_dropped["text"] += 1
