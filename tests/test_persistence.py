@@ -82,6 +82,44 @@ async def test_back_to_back_patches_get_gap_free_clocks(persistent_server: Runni
     assert [data for _, data in rows] == [frame[1:] for frame in frames]
 
 
+async def test_interleaved_writers_keep_each_senders_order_behind_their_commits(
+    persistent_server: RunningServer,
+) -> None:
+    """Patches and unstored frames of two writers: each sender's order holds for every peer."""
+    a = await persistent_server.connect("mixed", sub="a")
+    b = await persistent_server.connect("mixed", sub="b")
+    reader = await persistent_server.connect("mixed", scope="read", sub="r")
+
+    def frames_of(name: bytes) -> list[bytes]:
+        # Every third frame is a PRESENCE, which stores nothing but must not overtake the
+        # sender's patches that are still committing.
+        return [
+            (b"\x04" if n % 3 == 2 else b"\x01") + name + n.to_bytes(2, "big") for n in range(300)
+        ]
+
+    sent_a, sent_b = frames_of(b"a"), frames_of(b"b")
+
+    async def send_all(client: StoreClient, frames: list[bytes]) -> None:
+        for n, frame in enumerate(frames):
+            await client.send(frame)
+            if n % 20 == 0:
+                await asyncio.sleep(0)
+
+    await asyncio.gather(send_all(a, sent_a), send_all(b, sent_b))
+    received = await _receive_count(reader, len(sent_a) + len(sent_b))
+    assert [f for f in received if f[1:2] == b"a"] == sent_a
+    assert [f for f in received if f[1:2] == b"b"] == sent_b
+    assert await _receive_count(a, len(sent_b)) == sent_b
+    assert await _receive_count(b, len(sent_a)) == sent_a
+    rows = stored_patches(db_of(persistent_server, "mixed"), "mixed")
+    assert [clock for clock, _ in rows] == list(range(1, 401))
+    stored = [b"\x01" + data for _, data in rows]
+    assert [f for f in stored if f[1:2] == b"a"] == [f for f in sent_a if f[0] == 1]
+    assert [f for f in stored if f[1:2] == b"b"] == [f for f in sent_b if f[0] == 1]
+    # The relay order is the storage order: patches reach peers in clock order.
+    assert [f for f in received if f[0] == 1] == stored
+
+
 async def test_identical_patches_are_all_stored(persistent_server: RunningServer) -> None:
     writer = await persistent_server.connect("same")
     reader = await persistent_server.connect("same")

@@ -16,6 +16,7 @@ from sds.protocol import (
     KEY_BYTES,
     FrameType,
     encode_server_frame,
+    encode_server_frames,
     frame_name,
     parse_chunk,
     reject_write_frame,
@@ -140,7 +141,7 @@ SIZES = [0, 1, 125, 126, 127, 65535, 65536, 200_000]
 
 
 async def test_encoded_server_frames_decode_in_a_real_client() -> None:
-    """Frames written raw to the socket are read back intact by aiohttp's client."""
+    """Frames written raw to the socket (one by one, then as one run) are read back intact."""
     payloads = [bytes([n % 251]) * n for n in SIZES]
 
     async def handler(request: web.Request) -> web.WebSocketResponse:
@@ -149,6 +150,7 @@ async def test_encoded_server_frames_decode_in_a_real_client() -> None:
         assert request.transport is not None
         for payload in payloads:
             request.transport.write(encode_server_frame(payload))
+        request.transport.write(encode_server_frames(payloads))
         request.transport.write(encode_server_frame("héllo {}".encode(), text=True))
         await ws.receive()
         return ws
@@ -165,7 +167,7 @@ async def test_encoded_server_frames_decode_in_a_real_client() -> None:
             aiohttp.ClientSession() as session,
             session.ws_connect(f"ws://127.0.0.1:{port}/") as ws,
         ):
-            for payload in payloads:
+            for payload in payloads + payloads:
                 msg = await ws.receive(timeout=5)
                 assert msg.type is aiohttp.WSMsgType.BINARY
                 assert msg.data == payload
@@ -184,3 +186,8 @@ def test_encoded_header_length_field(size: int) -> None:
     assert frame[1] & 0x80 == 0, "server frames are never masked"
     header = len(frame) - size
     assert header == (2 if size < 126 else 4 if size < 65536 else 10)
+
+
+@given(st.lists(st.binary(max_size=300), max_size=20))
+def test_a_run_of_frames_is_the_frames_back_to_back(payloads: list[bytes]) -> None:
+    assert encode_server_frames(payloads) == b"".join(encode_server_frame(p) for p in payloads)

@@ -8,6 +8,8 @@ import time
 import aiohttp
 import pytest
 
+from sds.relay import LiveStore
+from sds.storage import Commit
 from tests.conftest import RunningServer, ServerFactory
 from tests.helpers import upgrade_request
 
@@ -198,3 +200,71 @@ async def test_permessage_deflate_when_enabled_still_relays(make_server: ServerF
         await sender.send_bytes(payload)
         msg = await receiver.receive(timeout=5)
         assert msg.data == payload
+
+
+class Peer:
+    """A peer of a LiveStore that records what it was sent and how it was closed."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.closed_with: int | None = None
+
+    def send(self, data: bytes) -> None:
+        self.received.append(data)
+
+    def close(self, code: int, reason: str = "") -> None:
+        self.closed_with = code
+
+
+def decide(commit: Commit, *, ok: bool, clocks: dict[str, int] | None = None) -> None:
+    """End a group commit the way StoreFile does: outcome first, then the future."""
+    commit.ok = ok
+    commit.clocks = clocks or {}
+    commit.done.set_result(None)
+
+
+async def test_frames_wait_for_their_commit_in_arrival_order() -> None:
+    store = LiveStore("s")
+    a, b, reader = Peer(), Peer(), Peer()
+    for peer in (a, b, reader):
+        store.add_client(peer)
+    commit = Commit(asyncio.get_running_loop())
+    store.relay_after_commit(b"\x01p1", a, commit)
+    store.relay_after_commit(b"\x01p2", a, commit)
+    store.relay(b"\x04b waits", b)
+    store.relay(b"\x04a waits", a)
+    await asyncio.sleep(0)
+    assert reader.received == [] and store.has_pending()
+
+    decide(commit, ok=True, clocks={"s": 7})
+    await asyncio.sleep(0)
+    assert reader.received == [b"\x01p1", b"\x01p2", b"\x04b waits", b"\x04a waits"]
+    assert a.received == [b"\x04b waits"]
+    assert b.received == [b"\x01p1", b"\x01p2", b"\x04a waits"]
+    assert store.relayed_clock == 7
+    assert not store.has_pending()
+    store.relay(b"\x04live", b)
+    assert reader.received[-1] == b"\x04live", "with nothing committing, frames go at once"
+
+
+async def test_failed_commit_closes_its_writer_and_relays_the_others_frames() -> None:
+    store = LiveStore("s")
+    writer, other, reader = Peer(), Peer(), Peer()
+    for peer in (writer, other, reader):
+        store.add_client(peer)
+    loop = asyncio.get_running_loop()
+    failing, next_commit = Commit(loop), Commit(loop)
+    store.relay_after_commit(b"\x01lost", writer, failing)
+    store.relay(b"\x04other", other)
+    store.relay_after_commit(b"\x01later", other, next_commit)
+
+    decide(failing, ok=False)
+    await asyncio.sleep(0)
+    assert writer.closed_with == 1011
+    assert reader.received == [b"\x04other"]
+    assert store.relayed_clock == 0
+    decide(next_commit, ok=True, clocks={"s": 1})
+    await asyncio.sleep(0)
+    assert reader.received == [b"\x04other", b"\x01later"]
+    assert other.closed_with is None
+    assert store.relayed_clock == 1
