@@ -288,8 +288,12 @@ class StoreFile:
             while self._next is not None:
                 await self._gather(self._next)
                 commit, self._next = self._next, None
-                await self._commit(commit)
-                commit.done.set_result(None)
+                try:
+                    await self._commit(commit)
+                finally:
+                    if commit.ok is None:  # an unexpected error: nothing of it is relayed
+                        commit.ok = False
+                    commit.done.set_result(None)
         finally:
             self._committer = None
 
