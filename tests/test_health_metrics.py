@@ -153,7 +153,8 @@ async def test_metrics_count_traffic_drops_and_refusals_without_ids(
     for _, token in refusals:
         with pytest.raises(aiohttp.WSServerHandshakeError):
             await StoreClient(server.ws_url, STORE, token).connect()
-    await server.connect(STORE, sub=SUBJECT + "-third")
+    third = await server.connect(STORE, sub=SUBJECT + "-third")
+    assert len([await third.receive() for _ in range(5)]) == 5, "the stored patches, replayed"
     with pytest.raises(aiohttp.WSServerHandshakeError) as full:
         await server.connect(STORE, sub=SUBJECT + "-fourth")
     assert full.value.status == 503
@@ -170,6 +171,9 @@ async def test_metrics_count_traffic_drops_and_refusals_without_ids(
     assert _value(samples, "sds_frames_relayed_total") >= 6
     assert _value(samples, "sds_bytes_relayed_total") >= 5 * 101
     assert _value(samples, "sds_frames_received_total") >= 7
+    # 5 patches to the reader (perhaps written as one run), the presence to the writer,
+    # and the 5 stored patches replayed to the third client: every frame counts once.
+    assert _value(samples, "sds_frames_sent_total") == 11
     for reason in ("read_scope", "text", "empty"):
         assert _value(samples, "sds_frames_dropped_total", reason=reason) == 1, reason
     for reason, _ in refusals:
