@@ -6,6 +6,7 @@ A frame is one binary WebSocket message: byte 0 is the type, the rest the payloa
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -131,7 +132,7 @@ def encode_server_frame(payload: bytes, *, text: bool = False) -> bytes:
     return _frame_header(len(payload), _TEXT_FIN if text else _BINARY_FIN) + payload
 
 
-def encode_server_frames(payloads: list[bytes]) -> bytes:
+def encode_server_frames(payloads: Sequence[bytes]) -> bytes:
     """Binary messages back to back in one buffer: a run of relayed frames, one write."""
     parts: list[bytes] = []
     append = parts.append

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
@@ -361,27 +361,15 @@ class LiveStore:
 
     def broadcast(self, data: bytes, sender: Any = None) -> None:
         """Relay ``data`` to every client but ``sender``, encoding it only once."""
-        frame: bytes | None = None
-        receivers = 0
-        for client, deliver in self._clients.items():
-            if client is sender:
-                continue
-            receivers += 1
-            if deliver is None:
-                client.send(data)
-                continue
-            if frame is None:
-                frame = encode_server_frame(data)
-            deliver(frame)
-        self.metrics.frames_relayed += 1
-        self.metrics.bytes_relayed += len(data) * receivers
+        self._fan_out((data,), sender, len(data))
 
     def broadcast_run(self, frames: list[bytes], sender: Any = None) -> None:
         """Relay frames of one sender to every other client, encoded once into one buffer."""
-        if len(frames) == 1:
-            self.broadcast(frames[0], sender)
-            return
-        run: bytes | None = None
+        self._fan_out(frames, sender, sum(map(len, frames)))
+
+    def _fan_out(self, frames: Sequence[bytes], sender: Any, size: int) -> None:
+        count = len(frames)
+        encoded: bytes | None = None
         receivers = 0
         for client, deliver in self._clients.items():
             if client is sender:
@@ -391,11 +379,13 @@ class LiveStore:
                 for data in frames:
                     client.send(data)
                 continue
-            if run is None:
-                run = encode_server_frames(frames)
-            deliver(run, len(frames))
-        self.metrics.frames_relayed += len(frames)
-        self.metrics.bytes_relayed += sum(map(len, frames)) * receivers
+            if encoded is None:
+                encoded = (
+                    encode_server_frame(frames[0]) if count == 1 else encode_server_frames(frames)
+                )
+            deliver(encoded, count)
+        self.metrics.frames_relayed += count
+        self.metrics.bytes_relayed += size * receivers
 
     def relay(self, data: bytes, sender: Any) -> None:
         """Relay a frame that stores nothing, behind any writes still committing."""
