@@ -159,9 +159,6 @@ class PatchRun:
         self.store_id = store_id
         self.payloads: list[bytearray] = []
 
-    def size(self) -> int:
-        return len(self.payloads)
-
 
 class Commit:
     """One group commit of a store file: every write that arrived while the previous one ran.
@@ -326,7 +323,7 @@ class StoreFile:
                 if (
                     len(ops) == 1
                     and isinstance(run, PatchRun)
-                    and run.size() <= MAX_ROWS_PER_INSERT
+                    and len(run.payloads) <= MAX_ROWS_PER_INSERT
                 ):
                     # One INSERT is one transaction of its own: a single round trip to
                     # the database thread, which is what bounds a group commit's latency.
