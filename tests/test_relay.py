@@ -157,7 +157,8 @@ async def test_frame_limit_is_inclusive_and_larger_closes_1009(
 
 
 async def test_connection_closes_4001_when_token_expires(server: RunningServer) -> None:
-    token = server.token("exp", expires_in=1, now=time.time())
+    # exp is whole seconds: int(now) + 2 is 1-2 s away, never too close for the handshake.
+    token = server.token("exp", expires_in=2, now=time.time())
     client = await server.connect("exp", token=token)
     started = time.monotonic()
     assert await client.wait_closed(4) == 4001
