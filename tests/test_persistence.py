@@ -59,6 +59,26 @@ async def test_two_ids_sharing_a_file_keep_their_rows_apart(
     assert await joiner.receive_all(0.4) == [patch(2), patch(3)]
 
 
+async def test_stores_sharing_a_file_commit_together_with_their_own_clocks(
+    persistent_server: RunningServer,
+) -> None:
+    """Both ids of one file write at once, so one group commit holds runs of each."""
+    one, two = await persistent_server.connect("c/d"), await persistent_server.connect("c_d")
+    reader_one = await persistent_server.connect("c/d", scope="read")
+    reader_two = await persistent_server.connect("c_d", scope="read")
+    sent = {"c/d": [patch(n) for n in range(300)], "c_d": [patch(1000 + n) for n in range(300)]}
+    for frame_one, frame_two in zip(sent["c/d"], sent["c_d"], strict=True):
+        await one.send(frame_one)
+        await two.send(frame_two)
+    assert await _receive_count(reader_one, 300) == sent["c/d"]
+    assert await _receive_count(reader_two, 300) == sent["c_d"]
+    db = db_of(persistent_server, "c/d")
+    for store_id, frames in sent.items():
+        rows = stored_patches(db, store_id)
+        assert [clock for clock, _ in rows] == list(range(1, 301)), store_id
+        assert [data for _, data in rows] == [frame[1:] for frame in frames], store_id
+
+
 async def test_patch_is_on_disk_before_any_peer_sees_it(persistent_server: RunningServer) -> None:
     writer = await persistent_server.connect("durable")
     reader = await persistent_server.connect("durable")
