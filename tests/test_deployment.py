@@ -1,38 +1,19 @@
-"""deployment/: each config checked by the tool that runs it, when that tool is installed."""
+"""deployment/: each config checked by the tool that runs it (skipped locally without it, never in CI).
+
+The proxies are also run for real in tests/test_proxy_configs.py.
+"""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests.deploy_tools import require_tool as _tool
+from tests.deploy_tools import run_tool as _run
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOYMENT = ROOT / "deployment"
 SDS_BIN = str(Path(sys.executable).parent / "sds")
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name) or (
-        f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
-    )
-    if path is None:
-        pytest.skip(f"{name} is not installed (apt-get install {name})")
-    return path
-
-
-def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        args,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", **env},
-    )
 
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
