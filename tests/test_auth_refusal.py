@@ -112,10 +112,13 @@ async def test_a_frame_sent_after_the_refused_upgrade_is_never_handled(
         await asyncio.to_thread(refused_ws.send_binary, b"\x01a patch from a refused client")
         await asyncio.to_thread(refused_ws.send_binary, b"\x04{}")
         code, frames = await asyncio.to_thread(refused_ws.read_until_close, 5.0)
-        refused_ws.send_close(4001)
+        # The client never answers the close: the server cuts the socket (after 2 s).
+        cut, more = await asyncio.to_thread(refused_ws.read_until_close, 15.0)
+        eof = await asyncio.to_thread(refused_ws.sock.recv, 1)
     finally:
         refused_ws.close()
     assert (code, frames) == (4001, 0)
+    assert (cut, more, eof) == (None, 0, b"")
     assert await reader.receive_all(window=0.5) == []
     after = await metrics(closing_server)
     for unchanged in ("sds_frames_received_total", "sds_connections_opened_total"):

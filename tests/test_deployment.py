@@ -5,6 +5,7 @@ The proxies are also run for real in tests/test_proxy_configs.py.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -133,3 +134,19 @@ def test_cron_file_runs_the_backup_script() -> None:
     cron = (DEPLOYMENT / "sds-backup.cron").read_text()
     assert "scripts/backup.sh" in cron and "--keep" in cron
     assert (ROOT / "scripts" / "backup.sh").exists()
+
+
+def test_docker_secret_instructions_match_the_image_user() -> None:
+    dockerfile = (DEPLOYMENT / "Dockerfile").read_text()
+    uid = re.search(r"useradd [^\n]*--uid (\d+)", dockerfile)
+    gid = re.search(r"groupadd [^\n]*--gid (\d+)", dockerfile)
+    assert uid and gid and f"--gid {gid.group(1)}" in dockerfile.split("useradd", 1)[1]
+    owner = f"{uid.group(1)}:{gid.group(1)}"
+    docs = (ROOT / "DEPLOYMENT.md").read_text()
+    docker = docs[docs.index("## 3. Docker") : docs.index("## 4.")]
+    compose = (DEPLOYMENT / "compose.yaml").read_text()
+    for text in (docker, compose):
+        assert f"chown {owner} deployment/jwt-secret" in text
+        assert "chmod 0400 deployment/jwt-secret" in text
+        assert "chmod 600" not in text and "chmod 0600" not in text
+    assert f"uid {uid.group(1)}" in docker

@@ -50,7 +50,8 @@ class Proxy:
 
 @pytest.fixture
 def upstream(tmp_path: Path) -> Iterator[ServerProcess]:
-    with spawn_server(cwd=tmp_path / "sds") as server:
+    """The server behind the proxy, refusing tokens with a close (for the SDS sidecar)."""
+    with spawn_server(["--auth-refusal", "close"], cwd=tmp_path / "sds") as server:
         yield server
 
 
@@ -196,6 +197,16 @@ async def relayed_through(proxy: Proxy, path: str, store_id: str, *, bearer: boo
     pytest.fail(f"nothing relayed on /{path} through the proxy")
 
 
+async def refusal_close_through(proxy: Proxy) -> tuple[int | None, str]:
+    """Close code and reason of a token for another store, via the proxy."""
+    token = proxy.upstream.token("another-store")
+    url = f"{proxy.ws_url}/ws/proxied-refusal?token={quote(token, safe='')}"
+    async with session() as http, http.ws_connect(url) as ws:
+        message = await ws.receive(timeout=10)
+        assert message.type is aiohttp.WSMsgType.CLOSE, message
+        return ws.close_code, str(message.extra or "")
+
+
 async def access_log_after(proxy: Proxy, needle: str) -> str:
     """The proxy's access log once it holds ``needle`` (bounded wait)."""
     for _ in range(100):
@@ -221,6 +232,8 @@ async def check_proxy(proxy: Proxy) -> None:
         "proxied-bearer": await relayed_through(proxy, "ws", "proxied-bearer", bearer=True),
         "proxied-room": await relayed_through(proxy, "signal", "proxied-room", bearer=False),
     }
+    # --auth-refusal close: the upgrade and the close code pass through unchanged.
+    assert await refusal_close_through(proxy) == (4003, "token is for another store")
     log = await access_log_after(proxy, "proxied-room")
     for store_id, token in tokens.items():
         assert store_id in log
