@@ -167,7 +167,11 @@ async def refuse_with_close(request: web.Request, refusal: CloseRefusal) -> web.
     A request that is not a WebSocket upgrade gets the HTTP refusal instead.
     """
     ws = web.WebSocketResponse(
-        timeout=REFUSAL_CLOSE_TIMEOUT, autoping=False, heartbeat=None, max_msg_size=1024
+        timeout=REFUSAL_CLOSE_TIMEOUT,
+        autoping=False,
+        heartbeat=None,
+        compress=False,
+        max_msg_size=1024,
     )
     if not ws.can_prepare(request).ok:
         raise http_error(refusal.status, refusal.message)
