@@ -3,6 +3,12 @@
 Every refusal is an HTTP error with a JSON body, raised before any upgrade, and
 cheap: refused SDS clients retry every 2 s forever. Failures are logged as one
 summary line per interval, never one line per attempt, and never with the token.
+
+With ``--auth-refusal close`` a refused token on /ws or /signal is answered the
+way the Node server did, for the SDS sidecar, which reads only close codes: the
+request is upgraded and closed at once with 4001 (token problem) or 4003 (a
+valid token for another store), the reason text as in the HTTP body, and no
+frame is ever handled. Refusals that are not about the token stay HTTP.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 AUTH_LOG_INTERVAL = 60.0
+CLOSE_CODES = {401: 4001, 403: 4003}
+"""Close code of a refused token with --auth-refusal close, by its HTTP status."""
+REFUSAL_CLOSE_TIMEOUT = 2.0
+"""Seconds a refused socket waits for the client's close frame before it is cut."""
 
 
 class _PayloadTooLarge(web.HTTPClientError):
@@ -115,6 +125,21 @@ def authenticate(
 ) -> Claims:
     """The claims of the request's token for ``store_id``; 401/403 with a JSON body otherwise."""
     try:
+        return _verify(request, config, failures, store_id, allow_query=allow_query)
+    except TokenError as exc:
+        raise http_error(exc.status, exc.message) from None
+
+
+def _verify(
+    request: web.Request,
+    config: Config,
+    failures: AuthFailures,
+    store_id: str | None,
+    *,
+    allow_query: bool = True,
+) -> Claims:
+    """The claims of the request's token; a refusal is counted, then raised as TokenError."""
+    try:
         return verify_token(
             request_token(request, allow_query=allow_query),
             config.jwt_secret,
@@ -123,14 +148,51 @@ def authenticate(
         )
     except TokenError as exc:
         failures.record(exc.reason)
-        raise http_error(exc.status, exc.message) from None
+        raise
+
+
+class CloseRefusal(Exception):
+    """A refused token to answer with an upgrade and an immediate close (--auth-refusal close)."""
+
+    def __init__(self, error: TokenError) -> None:
+        super().__init__(error.message)
+        self.status = error.status
+        self.code = CLOSE_CODES.get(error.status, 4001)
+        self.message = error.message
+
+
+async def refuse_with_close(request: web.Request, refusal: CloseRefusal) -> web.WebSocketResponse:
+    """Upgrade, send the close frame at once, never handle a frame of the client.
+
+    A request that is not a WebSocket upgrade gets the HTTP refusal instead.
+    """
+    ws = web.WebSocketResponse(
+        timeout=REFUSAL_CLOSE_TIMEOUT,
+        autoping=False,
+        heartbeat=None,
+        compress=False,
+        max_msg_size=1024,
+    )
+    if not ws.can_prepare(request).ok:
+        raise http_error(refusal.status, refusal.message)
+    await ws.prepare(request)
+    await ws.close(code=refusal.code, message=refusal.message.encode())
+    return ws
 
 
 def admit(request: web.Request, config: Config, state: ServerState) -> tuple[str, Claims]:
-    """The store id and token claims of a /ws or /signal request, checked before any upgrade."""
+    """The store id and token claims of a /ws or /signal request, checked before any upgrade.
+
+    Raises an HTTP error, or CloseRefusal for a refused token with --auth-refusal close.
+    """
     store_id = store_id_of(request, config.max_store_id_length)
     check_origin(request, config)
-    claims = authenticate(request, config, state.auth_failures, store_id)
+    try:
+        claims = _verify(request, config, state.auth_failures, store_id)
+    except TokenError as exc:
+        if config.auth_refusal == "close":
+            raise CloseRefusal(exc) from None
+        raise http_error(exc.status, exc.message) from None
     if state.shutting_down:
         raise http_error(503, "server is shutting down")
     return store_id, claims

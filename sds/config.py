@@ -19,6 +19,7 @@ VALUE_MODES = ("blob", "snapshot")
 SYNC_MODES = ("normal", "full")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+AUTH_REFUSALS = ("http", "close")
 MiB = 1024 * 1024
 
 
@@ -51,6 +52,7 @@ class Config:
     heartbeat: float = 30.0
     shutdown_timeout: float = 10.0
     allowed_origins: tuple[str, ...] = ()
+    auth_refusal: str = "http"
     permessage_deflate: bool = False
     log_format: str = "text"
     log_level: str = "info"
@@ -70,7 +72,7 @@ class Config:
             )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be between 0 and 65535, not {self.port}")
-        for name in ("value_mode", "sync", "log_format", "log_level"):
+        for name in ("value_mode", "sync", "log_format", "log_level", "auth_refusal"):
             choices = _CHOICES[name]
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name.replace('_', '-')} must be one of {', '.join(choices)}")
@@ -84,6 +86,7 @@ _CHOICES = {
     "sync": SYNC_MODES,
     "log_format": LOG_FORMATS,
     "log_level": LOG_LEVELS,
+    "auth_refusal": AUTH_REFUSALS,
 }
 _POSITIVE = (
     "max_frame_bytes",
@@ -284,6 +287,15 @@ SETTINGS: tuple[Setting, ...] = (
         "ORIGIN",
         multiple=True,
         flag="--allowed-origin",
+    ),
+    Setting(
+        "auth_refusal",
+        ("SDS_AUTH_REFUSAL",),
+        _parse_choice("auth_refusal"),
+        "How a refused token on /ws and /signal is answered. http: HTTP 401/403 before "
+        "the upgrade; close: upgrade, then close at once with 4001 (token) or 4003 "
+        "(another store), for the SDS sidecar, which reads only close codes.",
+        "MODE",
     ),
     Setting(
         "permessage_deflate",

@@ -14,7 +14,7 @@ import logging
 from aiohttp import WSMsgType, web
 
 from sds.appkeys import CONFIG, RELAY, SIGNALLING, STATE
-from sds.auth import admit, http_error
+from sds.auth import CloseRefusal, admit, http_error, refuse_with_close
 from sds.protocol import encode_server_frame
 from sds.relay import Client, accept_client
 
@@ -109,7 +109,10 @@ async def signal_handler(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     signalling = request.app[SIGNALLING]
     relay = request.app[RELAY]
-    store_id, claims = admit(request, config, state)
+    try:
+        store_id, claims = admit(request, config, state)
+    except CloseRefusal as refusal:
+        return await refuse_with_close(request, refusal)
     if signalling.is_full(store_id) or relay.connections >= config.max_connections:
         relay.metrics.connections_refused["signal_limit"] += 1
         raise http_error(503, "signalling room is at its connection limit")

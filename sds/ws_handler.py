@@ -12,7 +12,7 @@ import time
 from aiohttp import WSMsgType, web
 
 from sds.appkeys import CONFIG, RELAY, STATE, ServerState
-from sds.auth import admit, http_error
+from sds.auth import CloseRefusal, admit, http_error, refuse_with_close
 from sds.background import spawn
 from sds.chunks import ChunkAssembler
 from sds.protocol import (
@@ -36,7 +36,10 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     relay = request.app[RELAY]
     state = request.app[STATE]
-    store_id, claims = admit(request, config, state)
+    try:
+        store_id, claims = admit(request, config, state)
+    except CloseRefusal as refusal:
+        return await refuse_with_close(request, refusal)
     try:
         store = await relay.open_store(store_id)
     except Refused as exc:

@@ -1,38 +1,20 @@
-"""deployment/: each config checked by the tool that runs it, when that tool is installed."""
+"""deployment/: each config checked by the tool that runs it (skipped locally without it, never in CI).
+
+The proxies are also run for real in tests/test_proxy_configs.py.
+"""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
+import re
 import sys
 from pathlib import Path
 
-import pytest
+from tests.deploy_tools import require_tool as _tool
+from tests.deploy_tools import run_tool as _run
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOYMENT = ROOT / "deployment"
 SDS_BIN = str(Path(sys.executable).parent / "sds")
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name) or (
-        f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
-    )
-    if path is None:
-        pytest.skip(f"{name} is not installed (apt-get install {name})")
-    return path
-
-
-def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        args,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", **env},
-    )
 
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
@@ -152,3 +134,19 @@ def test_cron_file_runs_the_backup_script() -> None:
     cron = (DEPLOYMENT / "sds-backup.cron").read_text()
     assert "scripts/backup.sh" in cron and "--keep" in cron
     assert (ROOT / "scripts" / "backup.sh").exists()
+
+
+def test_docker_secret_instructions_match_the_image_user() -> None:
+    dockerfile = (DEPLOYMENT / "Dockerfile").read_text()
+    uid = re.search(r"useradd [^\n]*--uid (\d+)", dockerfile)
+    gid = re.search(r"groupadd [^\n]*--gid (\d+)", dockerfile)
+    assert uid and gid and f"--gid {gid.group(1)}" in dockerfile.split("useradd", 1)[1]
+    owner = f"{uid.group(1)}:{gid.group(1)}"
+    docs = (ROOT / "DEPLOYMENT.md").read_text()
+    docker = docs[docs.index("## 3. Docker") : docs.index("## 4.")]
+    compose = (DEPLOYMENT / "compose.yaml").read_text()
+    for text in (docker, compose):
+        assert f"chown {owner} deployment/jwt-secret" in text
+        assert "chmod 0400 deployment/jwt-secret" in text
+        assert "chmod 600" not in text and "chmod 0600" not in text
+    assert f"uid {uid.group(1)}" in docker
