@@ -8,6 +8,7 @@ from that one list, so a limit cannot exist under two spellings.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ class Config:
     heartbeat: float = 30.0
     shutdown_timeout: float = 10.0
     allowed_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    mint_beyond_admin_expiry: bool = False
     permessage_deflate: bool = False
     log_format: str = "text"
     log_level: str = "info"
@@ -126,6 +129,19 @@ def _parse_bool(text: str) -> bool:
 
 def _parse_origins(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _parse_networks(text: str) -> tuple[str, ...]:
+    """Comma-separated addresses or CIDR networks, in canonical form."""
+    networks = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        try:
+            networks.append(str(ipaddress.ip_network(part.strip(), strict=False)))
+        except ValueError:
+            raise ConfigError(f"not an IP address or network: {part.strip()!r}") from None
+    return tuple(networks)
 
 
 def _parse_choice(name: str) -> Callable[[str], str]:
@@ -284,6 +300,25 @@ SETTINGS: tuple[Setting, ...] = (
         "ORIGIN",
         multiple=True,
         flag="--allowed-origin",
+    ),
+    Setting(
+        "trusted_proxies",
+        ("SDS_TRUSTED_PROXIES",),
+        _parse_networks,
+        "Reverse proxy address or CIDR network whose X-Forwarded-For / Forwarded "
+        "header names the client (repeatable; env: comma-separated). Default: "
+        "loopback (127.0.0.0/8, ::1).",
+        "CIDR",
+        multiple=True,
+        flag="--trusted-proxy",
+    ),
+    Setting(
+        "mint_beyond_admin_expiry",
+        ("SDS_MINT_BEYOND_ADMIN_EXPIRY",),
+        _parse_bool,
+        "Let POST /api/token mint tokens that expire after the admin token that "
+        "asks for them (off: their `exp` is capped at the admin token's).",
+        "BOOL",
     ),
     Setting(
         "permessage_deflate",
