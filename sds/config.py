@@ -220,8 +220,7 @@ SETTINGS: tuple[Setting, ...] = (
         "max_connections",
         ("SDS_MAX_CONNECTIONS",),
         _parse_int,
-        "Open /ws connections in total; more (and /signal upgrades once it is "
-        "reached) get HTTP 503 before the upgrade.",
+        "Open /ws and /signal connections together; more get HTTP 503 before the upgrade.",
     ),
     Setting(
         "max_connections_per_store",
