@@ -223,7 +223,9 @@ async def test_deeply_nested_message_is_dropped_counted_and_the_connection_stays
     hello = await say(a, type="hello", **{"from": "a"})
     assert await heard(b) == hello
     assert not a.ws.closed
-    async with aiohttp.ClientSession() as session:
-        async with session.get(server.http_url + "/metrics") as response:
-            text = await response.text()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(server.http_url + "/metrics") as response,
+    ):
+        text = await response.text()
     assert 'sds_frames_dropped_total{reason="signal_invalid"} 1.0' in text
