@@ -16,8 +16,6 @@ from sds.appkeys import CONFIG, HEALTH, METRICS, RELAY, SIGNALLING, STATE, STORA
 from sds.auth import (
     CLIENT_ADDRESS,
     AuthFailures,
-    Network,
-    client_address,
     client_address_middleware,
     trusted_networks,
 )
@@ -43,11 +41,10 @@ class AccessLogger(AbstractAccessLogger):
     JSON lines carry the parts as fields: method, path, status, duration_s, remote.
     """
 
-    trusted: tuple[Network, ...] = ()
-    """Proxies whose forwarding headers name the client (``access_logger`` sets them)."""
-
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
-        remote = request.get(CLIENT_ADDRESS) or client_address(request, self.trusted)
+        # Set by the client address middleware; a request that failed to parse never
+        # reached it, and its headers cannot be believed: the peer's address then.
+        remote = request.get(CLIENT_ADDRESS) or request.remote
         self.logger.info(
             '%s "%s %s" %s %.3fs',
             remote,
@@ -63,13 +60,6 @@ class AccessLogger(AbstractAccessLogger):
                 "remote": remote,
             },
         )
-
-
-def access_logger(config: Config) -> type[AccessLogger]:
-    """The AccessLogger class for ``config`` (aiohttp instantiates it)."""
-    return type(
-        "AccessLogger", (AccessLogger,), {"trusted": trusted_networks(config.trusted_proxies)}
-    )
 
 
 def create_app(config: Config) -> web.Application:
@@ -236,17 +226,17 @@ def run(config: Config, *, access_log: bool = True) -> None:
     """Serve until SIGTERM/SIGINT, then shut down gracefully."""
     app = create_app(config)
 
-    async def log_start(app: web.Application) -> None:
+    def log_start(_banner: str) -> None:
+        # aiohttp prints its banner once every site listens: the start line instead.
         log.info("%s", start_line(config))
 
-    app.on_startup.append(log_start)
     web.run_app(
         app,
         host=config.host,
         port=config.port,
         shutdown_timeout=config.shutdown_timeout,
-        access_log_class=access_logger(config),
+        access_log_class=AccessLogger,
         access_log=logging.getLogger("sds.access") if access_log else None,
-        print=None,
+        print=log_start,
         handle_signals=True,
     )

@@ -235,7 +235,7 @@ async def test_malformed_requests_with_tokens_leave_no_token_or_traceback_and_on
         assert await asyncio.to_thread(server.stop) == 0
     stderr = server.stderr
     _assert_no_secrets(stderr, [token])
-    assert "Traceback" not in stderr
+    assert "Traceback" not in stderr, stderr
     assert "Error handling request" not in stderr
     summaries = [line for line in stderr.splitlines() if "bad HTTP requests" in line]
     # The first at once, the rest of the interval when the server stops.
