@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -206,18 +208,17 @@ def start_line(config: Config) -> str:
 
 
 def _without_password(value: str) -> str:
-    """``value`` with the password of a URL (``scheme://user:password@host``) replaced."""
-    from urllib.parse import urlsplit, urlunsplit
-
+    """``value`` without the password of a URL: ``user:***@host``, ``?password=***``."""
     if "://" not in value:
         return value
     try:
         parts = urlsplit(value)
-        if parts.password is None:
-            return value
-        netloc = parts.netloc.rpartition("@")
-        user = netloc[0].partition(":")[0]
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+        if parts.password is not None:
+            user_info, _, host = parts.netloc.rpartition("@")
+            user = user_info.partition(":")[0]
+            parts = parts._replace(netloc=f"{user}:***@{host}")
+        query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+        return urlunsplit(parts._replace(query=query))
     except ValueError:
         return "***"
 

@@ -395,3 +395,7 @@ def test_start_line_shows_a_database_url_without_its_password() -> None:
     )
     assert _without_password("postgresql://db/sds") == "postgresql://db/sds"
     assert _without_password("/var/lib/sds") == "/var/lib/sds"
+    assert (
+        _without_password("postgresql://db/sds?sslmode=require&password=pw-2")
+        == "postgresql://db/sds?sslmode=require&password=***"
+    )
