@@ -20,7 +20,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from sds.appkeys import CONFIG, HEALTH, METRICS, STATE
+from sds.appkeys import CONFIG, HEALTH, METRICS, STATE, STORAGE
 from sds.metrics import Metrics
 from sds.storage import SQLITE_VERSION
 
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 PROBE_SECONDS = 1.0
 PROBE_BYTES = 64 * 1024
 PROBE_FILE = ".sds-health-probe"
+WRITE_FAILED = "storage write failed (details in the server log)"
 
 
 class StorageHealth:
@@ -53,12 +54,15 @@ class StorageHealth:
         last_ok = max(self.probe_ok_at, self.metrics.commit_ok_at)
         problems = []
         if self.metrics.commit_failed_at > last_ok:
-            problems.append("storage write failed (details in the server log)")
+            problems.append(WRITE_FAILED)
         if self.probe_failed_at > last_ok and self.probe_problem:
             problems.append(self.probe_problem)
         return problems
 
     async def _probe(self) -> None:
+        # A success counts from when the probe began: a commit that failed while it
+        # ran is not cleared by it.
+        started = time.monotonic()
         try:
             await asyncio.to_thread(_write_probe, self.directory)
         except OSError as exc:
@@ -71,7 +75,7 @@ class StorageHealth:
             if self.probe_problem is not None:
                 log.warning("health probe succeeded again in %s", self.directory)
             self.probe_problem = None
-            self.probe_ok_at = time.monotonic()
+            self.probe_ok_at = started
         finally:
             self._last_probe = time.monotonic()
             self._probing = None
@@ -105,6 +109,10 @@ async def health(app: web.Application) -> tuple[bool, dict[str, object]]:
     storage_health = app.get(HEALTH)
     if storage_health is not None:
         problems.extend(await storage_health.problems())
+    storage = app.get(STORAGE)
+    # An open store file whose last commit failed, even if others' succeeded since.
+    if storage is not None and storage.failures and WRITE_FAILED not in problems:
+        problems.append(WRITE_FAILED)
     body: dict[str, object] = {
         "status": "ok" if not problems else "unavailable",
         "persistence": config.persist_dir is not None,
