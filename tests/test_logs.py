@@ -399,3 +399,39 @@ def test_start_line_shows_a_database_url_without_its_password() -> None:
         _without_password("postgresql://db/sds?sslmode=require&password=pw-2")
         == "postgresql://db/sds?sslmode=require&password=***"
     )
+
+
+def test_other_request_failures_keep_one_traceback_per_interval_and_are_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import sys
+
+    from sds.logs import RequestErrorSummary
+
+    summary = RequestErrorSummary(interval=60)
+
+    def failure() -> logging.LogRecord:
+        try:
+            raise RuntimeError("handler bug")
+        except RuntimeError:
+            return logging.LogRecord(
+                "aiohttp.server",
+                logging.ERROR,
+                __file__,
+                1,
+                "Error handling request from %s",
+                ("127.0.0.1",),
+                sys.exc_info(),
+            )
+
+    caplog.set_level(logging.WARNING, logger="sds.http")
+    assert summary.filter(failure()) is True, "the first keeps its traceback"
+    assert [summary.filter(failure()) for _ in range(5)] == [False] * 5
+    other = logging.LogRecord("sds.app", logging.ERROR, __file__, 1, "other", (), None)
+    assert summary.filter(other) is True
+    summary.flush()
+    # The first suppressed one is reported at once, the rest at the end of the interval.
+    assert [r.getMessage() for r in caplog.records if r.name == "sds.http"] == [
+        "bad HTTP requests since last report: RuntimeError=1",
+        "bad HTTP requests since last report: RuntimeError=4",
+    ]
