@@ -22,6 +22,7 @@ from sds.auth import authenticate, http_error, store_id_of
 from sds.config import VALUE_MODES
 from sds.maintenance import MaintenanceError, compact_file
 from sds.storage import StorageError, StoreBusy
+from sds.token_api import read_json
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +76,9 @@ async def compact_handler(request: web.Request) -> web.Response:
 
 async def _value_mode(request: web.Request, default: str) -> str:
     """The value mode of an optional JSON body ``{"value_mode": "blob"|"snapshot"}``."""
-    raw = await request.read()
-    if not raw.strip():
+    body: Any = await read_json(request, request.app[CONFIG].max_request_bytes)
+    if body is None:
         return default
-    try:
-        body: Any = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        raise http_error(400, "body must be a JSON object") from None
     if not isinstance(body, dict):
         raise http_error(400, "body must be a JSON object")
     mode = body.get("value_mode", default)

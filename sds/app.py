@@ -5,22 +5,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 
 from sds.admin_api import compact_handler
-from sds.appkeys import CONFIG, METRICS, RELAY, SIGNALLING, STATE, STORAGE, ServerState
-from sds.auth import AuthFailures
+from sds.appkeys import CONFIG, HEALTH, METRICS, RELAY, SIGNALLING, STATE, STORAGE, ServerState
+from sds.auth import (
+    CLIENT_ADDRESS,
+    AuthFailures,
+    client_address_middleware,
+    trusted_networks,
+)
 from sds.chunks import ChunkBudget
-from sds.config import Config, check_persist_dir
-from sds.logs import redact_access_log
-from sds.metrics import Metrics
+from sds.config import SETTINGS, Config, check_persist_dir
+from sds.health import StorageHealth, healthz_handler
+from sds.logs import flush_log_summaries, redact_access_log
+from sds.metrics import Metrics, sds_version
 from sds.relay import CLOSE_GOING_AWAY, Relay
 from sds.signalling import Signalling, signal_handler
-from sds.storage import SQLITE_VERSION, Storage
+from sds.storage import Storage
 from sds.token_api import token_handler
 from sds.ws_handler import ws_handler
 
@@ -30,16 +38,29 @@ HOUSEKEEPING_SECONDS = 1.0
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One line per HTTP request without the query string: it may hold a token."""
+    """One line per HTTP request without the query string (it may hold a token).
+
+    JSON lines carry the parts as fields: method, path, status, duration_s, remote.
+    """
 
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+        # Set by the client address middleware; a request that failed to parse never
+        # reached it, and its headers cannot be believed: the peer's address then.
+        remote = request.get(CLIENT_ADDRESS) or request.remote
         self.logger.info(
             '%s "%s %s" %s %.3fs',
-            request.remote,
+            remote,
             request.method,
             request.path,
             response.status,
             time,
+            extra={
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "duration_s": round(time, 6),
+                "remote": remote,
+            },
         )
 
 
@@ -48,6 +69,7 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(
         client_max_size=config.max_request_bytes,
         handler_args={"max_line_size": 32 * 1024, "max_field_size": 32 * 1024},
+        middlewares=[client_address_middleware(trusted_networks(config.trusted_proxies))],
     )
     redact_access_log()
     metrics = Metrics()
@@ -87,6 +109,7 @@ async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
             metrics=metrics,
         )
     app[STORAGE] = storage
+    app[HEALTH] = None if config.persist_dir is None else StorageHealth(config.persist_dir, metrics)
     app[RELAY] = Relay(
         max_connections=config.max_connections,
         max_connections_per_store=config.max_connections_per_store,
@@ -101,17 +124,19 @@ async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper
         app[STATE].auth_failures.flush()
+        flush_log_summaries(force=True)
         if storage is not None:
             await storage.close()
             log.info("storage flushed and closed")
 
 
 async def _housekeeping(app: web.Application) -> None:
-    """Every second: log a due auth-failure summary, drop chunk sequences that stopped."""
+    """Every second: log due failure summaries, drop chunk sequences that stopped."""
     state = app[STATE]
     while True:
         await asyncio.sleep(HOUSEKEEPING_SECONDS)
         state.auth_failures.flush_if_due()
+        flush_log_summaries()
         for client in list(state.clients):
             if client.chunks is not None:
                 client.chunks.expire()
@@ -134,37 +159,6 @@ async def _close_clients(app: web.Application) -> None:
             client.transport.abort()
 
 
-def health(app: web.Application) -> tuple[bool, dict[str, object]]:
-    """Whether the server serves and stores; the reasons when it does not."""
-    config = app[CONFIG]
-    storage = app.get(STORAGE)
-    problems: list[str] = []
-    if app[STATE].shutting_down:
-        problems.append("shutting down")
-    if storage is not None:
-        problems.extend(f"storage write failed: {failure}" for failure in storage.failures)
-        try:
-            check_persist_dir(storage.directory)
-        except ValueError as exc:
-            problems.append(str(exc))
-    body: dict[str, object] = {
-        "status": "ok" if not problems else "unavailable",
-        "persistence": config.persist_dir is not None,
-        "sqlite_version": SQLITE_VERSION,
-        "connections": app[METRICS].connections_open,
-        "stores": app[METRICS].stores_open,
-    }
-    if problems:
-        body["problems"] = problems
-    return not problems, body
-
-
-async def healthz_handler(request: web.Request) -> web.Response:
-    """200 when serving and storage works, 503 with the reasons otherwise."""
-    ok, body = health(request.app)
-    return web.json_response(body, status=200 if ok else 503)
-
-
 async def metrics_handler(request: web.Request) -> web.Response:
     """Prometheus text exposition of the server's counters."""
     from sds.metrics import CONTENT_TYPE, render_prometheus
@@ -178,9 +172,65 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
 
 
+def start_line(config: Config) -> str:
+    """What ``sds serve`` logs on start: version, address, storage, non-default limits.
+
+    No secret and no password: a setting named like one is left out, and a URL
+    setting (a database URL) is shown without its password.
+    """
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    if config.persist_dir is None:
+        storage = "relay only (no persistence)"
+    else:
+        storage = f"persist dir {config.persist_dir} (sync {config.sync})"
+    shown = {"host", "port", "persist_dir", "sync", "value_mode", "log_format", "log_level"}
+    changed = []
+    for setting in SETTINGS:
+        name = setting.name
+        if name in shown or "secret" in name or "password" in name:
+            continue
+        value = getattr(config, name, None)
+        default = (
+            Config.__dataclass_fields__[name].default
+            if name in Config.__dataclass_fields__
+            else None
+        )
+        if value == default:
+            continue
+        if isinstance(value, tuple):
+            value = ",".join(str(item) for item in value)
+        changed.append(f"{setting.option.lstrip('-')}={_without_password(str(value))}")
+    line = (
+        f"sds {sds_version()} listening on http://{host}:{config.port}, storage: {storage}, "
+        f"value mode: {config.value_mode}"
+    )
+    return line + (f", settings: {' '.join(changed)}" if changed else "")
+
+
+def _without_password(value: str) -> str:
+    """``value`` without the password of a URL: ``user:***@host``, ``?password=***``."""
+    if "://" not in value:
+        return value
+    try:
+        parts = urlsplit(value)
+        if parts.password is not None:
+            user_info, _, host = parts.netloc.rpartition("@")
+            user = user_info.partition(":")[0]
+            parts = parts._replace(netloc=f"{user}:***@{host}")
+        query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+        return urlunsplit(parts._replace(query=query))
+    except ValueError:
+        return "***"
+
+
 def run(config: Config, *, access_log: bool = True) -> None:
     """Serve until SIGTERM/SIGINT, then shut down gracefully."""
     app = create_app(config)
+
+    def log_start(_banner: str) -> None:
+        # aiohttp prints its banner once every site listens: the start line instead.
+        log.info("%s", start_line(config))
+
     web.run_app(
         app,
         host=config.host,
@@ -188,6 +238,6 @@ def run(config: Config, *, access_log: bool = True) -> None:
         shutdown_timeout=config.shutdown_timeout,
         access_log_class=AccessLogger,
         access_log=logging.getLogger("sds.access") if access_log else None,
-        print=None,
+        print=log_start,
         handle_signals=True,
     )

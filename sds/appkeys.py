@@ -13,6 +13,7 @@ from sds.config import Config
 from sds.metrics import Metrics
 
 if TYPE_CHECKING:
+    from sds.health import StorageHealth
     from sds.relay import Client, Relay
     from sds.signalling import Signalling
     from sds.storage import Storage
@@ -36,3 +37,4 @@ STATE = web.AppKey("state", ServerState)
 RELAY: web.AppKey[Relay] = web.AppKey("relay")
 STORAGE: web.AppKey[Storage | None] = web.AppKey("storage")
 SIGNALLING: web.AppKey[Signalling] = web.AppKey("signalling")
+HEALTH: web.AppKey[StorageHealth | None] = web.AppKey("health")

@@ -13,13 +13,16 @@ frame is ever handled. Refusals that are not about the token stay HTTP.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
 from aiohttp import hdrs, web
+from aiohttp.typedefs import Middleware
 
 from sds.config import Config
 from sds.metrics import Metrics
@@ -81,6 +84,83 @@ def check_origin(request: web.Request, config: Config) -> None:
     origin = request.headers.get(hdrs.ORIGIN)
     if config.allowed_origins and origin is not None and origin not in config.allowed_origins:
         raise http_error(403, "origin not allowed")
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+CLIENT_ADDRESS = web.RequestKey("client_address", str)
+"""Where ``client_address_middleware`` leaves the client address on the request (access log)."""
+
+
+def trusted_networks(values: Iterable[str]) -> tuple[Network, ...]:
+    """The networks of ``--trusted-proxy`` (validated by the config already)."""
+    return tuple(ipaddress.ip_network(value, strict=False) for value in values)
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address of a forwarded hop: ``1.2.3.4``, ``1.2.3.4:80``, ``[::1]:80`` or ``::1``."""
+    text = text.strip().strip('"')
+    if text.startswith("["):
+        text = text[1 : text.find("]")] if "]" in text else ""
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _forwarded_hops(request: web.BaseRequest) -> list[str]:
+    """The client and proxies named by ``Forwarded`` (if present) or ``X-Forwarded-For``."""
+    if hdrs.FORWARDED in request.headers:
+        return [element.get("for", "") for element in request.forwarded]
+    return [
+        hop
+        for header in request.headers.getall(hdrs.X_FORWARDED_FOR, [])
+        for hop in header.split(",")
+    ]
+
+
+def client_address(request: web.BaseRequest, trusted: tuple[Network, ...]) -> str | None:
+    """The address of the client: the peer, or what trusted proxies say the client was.
+
+    Headers are believed only from a peer in ``trusted``. The hops are read from the
+    nearest (last) one back; the first that is not a trusted proxy is the client. A
+    hop that is not an IP address ends the walk at the last address known.
+    """
+    peer = request.remote
+    address = _address(peer) if peer else None
+    if address is None or not any(address in network for network in trusted):
+        return peer
+    client = peer
+    for hop in reversed(_forwarded_hops(request)):
+        hop_address = _address(hop)
+        if hop_address is None:
+            break
+        client = str(hop_address)
+        if not any(hop_address in network for network in trusted):
+            break
+    return client
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def client_address_middleware(trusted: tuple[Network, ...]) -> Middleware:
+    """Handlers (and the access log) see the client's address, not the proxy's."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        address = client_address(request, trusted)
+        if address is not None:
+            request[CLIENT_ADDRESS] = address
+            if address != request.remote:
+                request = request.clone(remote=address)
+        return await handler(request)
+
+    return middleware
 
 
 class AuthFailures:

@@ -8,6 +8,7 @@ from that one list, so a limit cannot exist under two spellings.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ class Config:
     shutdown_timeout: float = 10.0
     allowed_origins: tuple[str, ...] = ()
     auth_refusal: str = "http"
+    trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    mint_beyond_admin_expiry: bool = False
     permessage_deflate: bool = False
     log_format: str = "text"
     log_level: str = "info"
@@ -131,6 +134,19 @@ def _parse_origins(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _parse_networks(text: str) -> tuple[str, ...]:
+    """Comma-separated addresses or CIDR networks, in canonical form."""
+    networks = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        try:
+            networks.append(str(ipaddress.ip_network(part.strip(), strict=False)))
+        except ValueError:
+            raise ConfigError(f"not an IP address or network: {part.strip()!r}") from None
+    return tuple(networks)
+
+
 def _parse_choice(name: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
@@ -207,8 +223,7 @@ SETTINGS: tuple[Setting, ...] = (
         "max_connections",
         ("SDS_MAX_CONNECTIONS",),
         _parse_int,
-        "Open /ws connections in total; more (and /signal upgrades once it is "
-        "reached) get HTTP 503 before the upgrade.",
+        "Open /ws and /signal connections together; more get HTTP 503 before the upgrade.",
     ),
     Setting(
         "max_connections_per_store",
@@ -296,6 +311,25 @@ SETTINGS: tuple[Setting, ...] = (
         "the upgrade; close: upgrade, then close at once with 4001 (token) or 4003 "
         "(another store), for the SDS sidecar, which reads only close codes.",
         "MODE",
+    ),
+    Setting(
+        "trusted_proxies",
+        ("SDS_TRUSTED_PROXIES",),
+        _parse_networks,
+        "Reverse proxy address or CIDR network whose X-Forwarded-For / Forwarded "
+        "header names the client (repeatable; env: comma-separated). Default: "
+        "loopback (127.0.0.0/8, ::1).",
+        "CIDR",
+        multiple=True,
+        flag="--trusted-proxy",
+    ),
+    Setting(
+        "mint_beyond_admin_expiry",
+        ("SDS_MINT_BEYOND_ADMIN_EXPIRY",),
+        _parse_bool,
+        "Let POST /api/token mint tokens that expire after the admin token that "
+        "asks for them (off: their `exp` is capped at the admin token's).",
+        "BOOL",
     ),
     Setting(
         "permessage_deflate",

@@ -2,8 +2,41 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prometheus_client import Histogram
+
+COMMIT_SECONDS_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+def _commit_histogram() -> Histogram:
+    from prometheus_client import Histogram
+
+    return Histogram(
+        "sds_storage_commit_seconds",
+        "Duration of storage commits.",
+        buckets=COMMIT_SECONDS_BUCKETS,
+        registry=None,
+    )
 
 
 @dataclass(slots=True)
@@ -23,23 +56,65 @@ class Metrics:
     auth_failures: Counter[str] = field(default_factory=Counter)
     connections_refused: Counter[str] = field(default_factory=Counter)
     commits: int = 0
-    commit_seconds_total: float = 0.0
+    commit_seconds: Histogram = field(default_factory=_commit_histogram)
     commit_seconds_max: float = 0.0
     commit_failures: int = 0
     commit_queue_depth: int = 0
+    commit_ok_at: float = float("-inf")
+    """When (time.monotonic) the last commit succeeded."""
+    commit_failed_at: float = float("-inf")
+    """When (time.monotonic) the last commit failed."""
     stores_open: int = 0
     store_files_open: int = 0
+
+    def observe_commit(self, seconds: float, *, ok: bool) -> None:
+        """Count one storage commit that took ``seconds`` and succeeded or not."""
+        self.commits += 1
+        self.commit_seconds.observe(seconds)
+        self.commit_seconds_max = max(self.commit_seconds_max, seconds)
+        if ok:
+            self.commit_ok_at = time.monotonic()
+        else:
+            self.commit_failed_at = time.monotonic()
 
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The exposition format ``render_prometheus`` writes (Prometheus 3 wants it named)."""
 
 
+def sds_version() -> str:
+    """The installed version of sds (the ``sds-relay`` distribution)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sds-relay")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_info() -> dict[str, str]:
+    """The labels of ``sds_build_info``: versions of sds, Python and SQLite."""
+    import platform
+    import sqlite3
+
+    return {
+        "version": sds_version(),
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+    }
+
+
 def render_prometheus(metrics: Metrics) -> str:
-    """The counters in Prometheus text format (prometheus_client writes the format)."""
+    """The counters in Prometheus text format (prometheus_client writes the format).
+
+    Besides the server's own families: the standard ``process_*`` (CPU, memory,
+    open files) and ``python_info`` families, and ``sds_build_info``.
+    """
+    from prometheus_client import PlatformCollector, ProcessCollector
     from prometheus_client.core import (
         CounterMetricFamily,
         GaugeMetricFamily,
+        InfoMetricFamily,
         Metric,
     )
     from prometheus_client.exposition import generate_latest
@@ -90,11 +165,6 @@ def render_prometheus(metrics: Metrics) -> str:
                     m.connections_refused,
                 ),
                 counter("sds_storage_commits", "Storage transactions committed.", m.commits),
-                counter(
-                    "sds_storage_commit_seconds",
-                    "Time spent in storage commits.",
-                    m.commit_seconds_total,
-                ),
                 gauge(
                     "sds_storage_commit_seconds_max",
                     "Longest storage commit so far.",
@@ -106,8 +176,12 @@ def render_prometheus(metrics: Metrics) -> str:
                     "Writes waiting for their commit.",
                     m.commit_queue_depth,
                 ),
+                InfoMetricFamily("sds_build", "Versions of sds, Python and SQLite.", build_info()),
             ]
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Snapshot())
+    registry.register(metrics.commit_seconds)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
     return generate_latest(registry).decode()

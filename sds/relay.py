@@ -503,7 +503,7 @@ class Relay:
 
     def admit(self, store_id: str) -> None:
         """Raise Refused when one more connection to ``store_id`` would pass a limit."""
-        if self.connections >= self.max_connections:
+        if self.connections + self.metrics.signal_connections_open >= self.max_connections:
             raise Refused("server is at its connection limit", "max_connections")
         if self._users.get(store_id, 0) >= self.max_connections_per_store:
             raise Refused("store is at its connection limit", "max_connections_per_store")

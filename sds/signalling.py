@@ -38,34 +38,39 @@ class Room:
         self.peers: list[Peer] = []
         self.by_id: dict[str, Peer] = {}
 
-    def route(self, sender: Peer, text: str) -> None:
-        """Deliver one text message from ``sender`` by the rules of the module docstring."""
+    def route(self, sender: Peer, text: str) -> str | None:
+        """Deliver one text message from ``sender`` by the rules of the module docstring.
+
+        A message that is dropped returns why: ``invalid`` (not a JSON object, or
+        nested too deeply to parse), ``no_from`` or ``wrong_from``.
+        """
         try:
             message = json.loads(text)
-        except ValueError:
-            return
+        except (ValueError, RecursionError):
+            return "invalid"
         if not isinstance(message, dict):
-            return
+            return "invalid"
         claimed = message.get("from")
         if not isinstance(claimed, str) or not claimed:
-            return
+            return "no_from"
         if sender.peer_id is None:
             if claimed in self.by_id:
-                return
+                return "wrong_from"
             sender.peer_id = claimed
             self.by_id[claimed] = sender
         elif claimed != sender.peer_id:
-            return
+            return "wrong_from"
         frame = encode_server_frame(text.encode(), text=True)
         target = message.get("to")
         if target is None:
             for peer in self.peers:
                 if peer is not sender:
                     peer.client.deliver(frame)
-            return
+            return None
         receiver = self.by_id.get(target) if isinstance(target, str) else None
         if receiver is not None and receiver is not sender:
             receiver.client.deliver(frame)
+        return None
 
     def leave(self, peer: Peer) -> None:
         self.peers.remove(peer)
@@ -113,27 +118,38 @@ async def signal_handler(request: web.Request) -> web.StreamResponse:
         store_id, claims = admit(request, config, state)
     except CloseRefusal as refusal:
         return await refuse_with_close(request, refusal)
-    if signalling.is_full(store_id) or relay.connections >= config.max_connections:
+    if signalling.is_full(store_id):
         relay.metrics.connections_refused["signal_limit"] += 1
         raise http_error(503, "signalling room is at its connection limit")
+    # --max-connections bounds /ws and /signal together.
+    if relay.connections + relay.metrics.signal_connections_open >= config.max_connections:
+        relay.metrics.connections_refused["max_connections"] += 1
+        raise http_error(503, "server is at its connection limit")
 
-    client = await accept_client(
-        request,
-        config,
-        store_id=store_id,
-        claims=claims,
-        can_write=False,
-        flusher=relay.flusher,
-        metrics=relay.metrics,
-    )
+    # Counted before the upgrade awaits, so concurrent upgrades cannot pass the limit.
+    relay.metrics.signal_connections_open += 1
+    try:
+        client = await accept_client(
+            request,
+            config,
+            store_id=store_id,
+            claims=claims,
+            can_write=False,
+            flusher=relay.flusher,
+            metrics=relay.metrics,
+        )
+    except BaseException:
+        relay.metrics.signal_connections_open -= 1
+        raise
     peer = Peer(client)
     room = signalling.join(store_id, peer)
-    relay.metrics.signal_connections_open += 1
     try:
         while True:
             msg = await client.ws.receive()
             if msg.type is WSMsgType.TEXT:
-                room.route(peer, msg.data)
+                dropped = room.route(peer, msg.data)
+                if dropped is not None:
+                    relay.metrics.frames_dropped["signal_" + dropped] += 1
             elif msg.type is WSMsgType.BINARY:
                 relay.metrics.frames_dropped["signal_binary"] += 1
             else:

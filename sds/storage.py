@@ -349,10 +349,7 @@ class StoreFile:
             commit.ok = True
         finally:
             self._writing = 0
-            elapsed = time.perf_counter() - started
-            self.metrics.commits += 1
-            self.metrics.commit_seconds_total += elapsed
-            self.metrics.commit_seconds_max = max(self.metrics.commit_seconds_max, elapsed)
+            self.metrics.observe_commit(time.perf_counter() - started, ok=commit.ok is True)
 
     async def _write_ops(self, ops: list[PatchRun | Write], commit: Commit) -> None:
         """Write a commit's operations in order, inside its transaction."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import time
 from typing import Any
 
 from aiohttp import web
@@ -22,8 +24,12 @@ async def token_handler(request: web.Request) -> web.Response:
     claims = authenticate(request, config, state.auth_failures, None, allow_query=False)
     if claims.scope != "admin":
         raise http_error(403, "an admin token is required")
-    body = await _read_json(request, config.max_request_bytes)
+    body = await read_json(request, config.max_request_bytes)
     sub, scope, expires_in = _token_request(body)
+    now = int(time.time())
+    if claims.exp is not None and not config.mint_beyond_admin_expiry:
+        # A minted token never outlives the admin token that asked for it.
+        expires_in = min(expires_in, max(1, math.floor(claims.exp) - now))
     token = mint_token(
         config.jwt_secret,
         store_id=claims.aud,
@@ -31,23 +37,36 @@ async def token_handler(request: web.Request) -> web.Response:
         sub=sub,
         expires_in=expires_in,
         issuer=config.issuer,
+        now=now,
     )
-    return web.json_response({"token": token}, headers={"Cache-Control": "no-store"})
+    exp = now + max(1, math.ceil(expires_in))
+    return web.json_response({"token": token, "exp": exp}, headers={"Cache-Control": "no-store"})
 
 
-async def _read_json(request: web.Request, limit: int) -> Any:
+async def read_json(request: web.Request, limit: int) -> Any:
+    """The whole JSON body of a request (empty: None); 413 past ``limit`` bytes, 400 if not JSON.
+
+    The body is read to its end however it arrives (several TCP segments, chunked);
+    aiohttp stops reading past the app's ``client_max_size`` (the same limit).
+    """
     if request.content_length is not None and request.content_length > limit:
         raise http_error(413, f"request body larger than {limit} bytes")
     try:
-        raw = await request.content.read(limit + 1)
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise http_error(413, f"request body larger than {limit} bytes") from None
     except ValueError:
         raise http_error(400, "unreadable request body") from None
     if len(raw) > limit:
         raise http_error(413, f"request body larger than {limit} bytes")
+    if not raw.strip():
+        return None
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, ValueError):
         raise http_error(400, "body must be a JSON object") from None
+    except RecursionError:
+        raise http_error(400, "body is nested too deeply") from None
 
 
 def _token_request(body: Any) -> tuple[str, str, float]:

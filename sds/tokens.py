@@ -17,6 +17,20 @@ MAX_TOKEN_LENGTH = 16 * 1024
 """Longer tokens are refused unread: real SDS tokens are a few hundred bytes."""
 
 
+MAX_EXP = 253_402_300_799
+"""The last second of the year 9999: a later (or non-finite) ``exp`` is not a time."""
+
+
+def exp_is_time(exp: Any) -> bool:
+    """Whether an ``exp`` claim is a number of seconds a date can hold (not NaN, not 1e300)."""
+    return (
+        isinstance(exp, int | float)
+        and not isinstance(exp, bool)
+        and math.isfinite(exp)
+        and 0 <= exp <= MAX_EXP
+    )
+
+
 class TokenError(Exception):
     """A token was refused. ``status`` is the HTTP status, ``reason`` a short metric label."""
 
@@ -77,7 +91,8 @@ def verify_token(
         raise TokenError("token algorithm must be HS256", reason="bad_algorithm") from None
     except (jwt.InvalidIssuerError, jwt.MissingRequiredClaimError):
         raise TokenError("wrong token issuer", reason="wrong_issuer") from None
-    except jwt.PyJWTError:
+    except (jwt.PyJWTError, OverflowError):
+        # OverflowError: PyJWT compares an `exp` of Infinity as an integer.
         raise TokenError("malformed token", reason="malformed") from None
     return _check_claims(payload, store_id)
 
@@ -93,8 +108,8 @@ def _check_claims(payload: dict[str, Any], store_id: str | None) -> Claims:
     if not isinstance(aud, str) or not aud:
         raise TokenError("token `aud` must be a store id", reason="bad_claims")
     exp = payload.get("exp")
-    if exp is not None and (isinstance(exp, bool) or not isinstance(exp, int | float)):
-        raise TokenError("token `exp` must be a number", reason="bad_claims")
+    if exp is not None and not exp_is_time(exp):
+        raise TokenError("token `exp` must be a time in seconds", reason="bad_claims")
     if store_id is not None and aud != store_id:
         raise TokenError("token is for another store", reason="wrong_store", status=403)
     iss = payload.get("iss")

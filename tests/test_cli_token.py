@@ -232,3 +232,29 @@ def test_real_process_mint_is_bare_and_errors_are_one_line(tmp_path: Path) -> No
     )
     assert forged.returncode == 1
     assert json.loads(forged.stdout)["valid"] is False
+
+
+@pytest.mark.parametrize("exp", [1e300, 2**63, float("inf"), float("nan"), -(2**63)])
+@pytest.mark.parametrize("with_secret", [True, False])
+def test_inspect_exp_that_is_no_time_is_one_line_and_exit_1(exp: float, with_secret: bool) -> None:
+    token = signed(SECRET, claims_for("notes", exp=exp))
+    env = {SECRET_ENV: SECRET} if with_secret else {}
+    result = CliRunner().invoke(cli, ["token", "inspect", token], env={**UNSET, **env})
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sds: invalid token:"), lines
+    assert "exp" in lines[0]
+    as_json = sds("token", "inspect", "--json", token, **env)
+    assert as_json.exit_code == 1
+    report = json.loads(as_json.stdout)
+    assert report["valid"] is False and "exp" in report["problem"]
+
+
+@pytest.mark.parametrize("exp", [1e300, float("inf")])
+def test_server_refuses_an_exp_that_is_no_time(exp: float) -> None:
+    from sds.tokens import TokenError
+
+    with pytest.raises(TokenError) as refused:
+        verify_token(signed(SECRET, claims_for("notes", exp=exp)), SECRET, store_id="notes")
+    assert refused.value.status == 401

@@ -28,6 +28,8 @@ def default_text(value: object) -> str:
         return "none"
     if value == ():
         return "any"
+    if isinstance(value, tuple):
+        return ", ".join(value)
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, float):

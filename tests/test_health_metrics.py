@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
+import platform
 import resource
 import signal
 import sqlite3
@@ -77,10 +79,16 @@ async def test_healthz_is_503_with_the_reason_when_the_persist_dir_is_gone(
         assert body["status"] == "unavailable"
         assert any("persist dir" in problem for problem in body["problems"])
         assert body["sqlite_version"] == sqlite3.sqlite_version
+        assert str(persist) not in str(body)
     finally:
         persist.unlink()
         moved.rename(persist)
-    status, body = await _health(persistent_server.http_url)
+    # A failure stays reported until a later write succeeds: the next probe, within a second.
+    for _ in range(50):
+        status, body = await _health(persistent_server.http_url)
+        if status == 200:
+            break
+        await asyncio.sleep(0.1)
     assert status == 200
 
 
@@ -180,14 +188,20 @@ async def test_metrics_count_traffic_drops_and_refusals_without_ids(
         assert _value(samples, "sds_auth_failures_total", reason=reason) == 1, reason
     assert _value(samples, "sds_connections_refused_total", reason="max_connections_per_store") == 1
     assert _value(samples, "sds_storage_commits_total") >= 1
-    assert _value(samples, "sds_storage_commit_seconds_total") > 0
+    assert _value(samples, "sds_storage_commit_seconds_count") >= 1
+    assert _value(samples, "sds_storage_commit_seconds_sum") > 0
     assert ("sds_storage_queue_depth", ()) in samples
     assert ("sds_storage_commit_seconds_max", ()) in samples
 
     assert STORE not in text
     assert SUBJECT not in text
-    label_names = {name for _, labels in samples for name, _ in labels}
-    assert label_names <= {"reason"}
+    label_names = {
+        name
+        for sample, labels in samples
+        if sample.startswith("sds_") and sample != "sds_build_info"
+        for name, _ in labels
+    }
+    assert label_names <= {"reason", "le"}
 
 
 async def test_metrics_exposes_every_family_before_any_traffic(server: RunningServer) -> None:
@@ -203,6 +217,33 @@ async def test_metrics_exposes_every_family_before_any_traffic(server: RunningSe
         "sds_storage_commit_seconds",
         "sds_storage_queue_depth",
     } <= names
+
+
+async def test_metrics_have_process_families_build_info_and_a_commit_histogram(
+    persistent_server: RunningServer,
+) -> None:
+    client = await persistent_server.connect(STORE)
+    reader = await persistent_server.connect(STORE, scope="read", sub="reader")
+    for index in range(3):
+        await client.send(b"\x01" + bytes([index]) * 10)
+    assert len([await reader.receive() for _ in range(3)]) == 3, "relayed: so committed"
+    _, _, text = await _get(persistent_server.http_url + "/metrics")
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    assert families["sds_storage_commit_seconds"].type == "histogram"
+    samples = _samples(text)
+    assert _value(samples, "sds_storage_commit_seconds_count") >= 1
+    assert _value(samples, "sds_storage_commit_seconds_bucket", le="+Inf") == _value(
+        samples, "sds_storage_commit_seconds_count"
+    )
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds", "process_open_fds"):
+        assert name in families, name
+    assert "python_info" in families
+    (build,) = families["sds_build_info"].samples
+    assert build.name == "sds_build_info"
+    assert build.value == 1
+    assert build.labels["sqlite"] == sqlite3.sqlite_version
+    assert build.labels["python"] == platform.python_version()
+    assert build.labels["version"] == importlib.metadata.version("sds-relay")
 
 
 async def test_signal_connections_are_counted(server: RunningServer) -> None:

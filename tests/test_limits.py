@@ -214,3 +214,18 @@ async def test_request_body_limit_follows_its_option(make_server: ServerFactory)
     small = b'{"sub": "u", "scope": "write"}'
     assert await _post_token(server, small) == 200
     assert await _post_token(server, small + b" " * 100) == 413
+
+
+@pytest.mark.parametrize("first", ["ws", "signal"])
+@pytest.mark.parametrize("extra", ["ws", "signal"])
+async def test_max_connections_counts_ws_and_signal_together(
+    make_server: ServerFactory, first: str, extra: str
+) -> None:
+    server = await make_server(max_connections=2)
+    await server.connect("one", path=first)
+    await server.connect("two", path="signal" if first == "ws" else "ws")
+    status, body = await _refusal(server, "three", path=extra)
+    assert status == 503, "refused before the upgrade"
+    assert "connection limit" in body["error"]
+    metrics = await _metrics_text(server)
+    assert 'sds_connections_refused_total{reason="max_connections"} 1.0' in metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -204,3 +205,233 @@ def test_auth_failure_summary_is_logged_once_the_interval_passes_even_without_ne
     assert lines[-1] == "refused tokens since last report: bad_signature=1, expired=4"
     failures.flush_if_due()
     assert len([r for r in caplog.records if r.name == "sds.auth"]) == 2
+
+
+def _raw_request(port: int, request: bytes) -> bytes:
+    """Send ``request`` as it is over a fresh socket; the start of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        return sock.recv(200)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("log_format", ["text", "json"])
+async def test_malformed_requests_with_tokens_leave_no_token_or_traceback_and_one_summary(
+    tmp_path: Path, log_format: str
+) -> None:
+    with spawn_server(["--log-format", log_format], cwd=tmp_path) as server:
+        token = server.token(STORE, sub=SUB)
+        malformed = [
+            # A trailing CR on the Bearer header.
+            f"GET /ws/{STORE} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\r\n\r\n",
+            # An unencoded space in the store id, the token in the query.
+            f"GET /ws/a b?token={token} HTTP/1.1\r\nHost: a\r\n\r\n",
+        ]
+        for _ in range(10):
+            for request in malformed:
+                answer = await asyncio.to_thread(_raw_request, server.port, request.encode())
+                assert answer.startswith(b"HTTP/1.") and b" 400 " in answer
+        await asyncio.to_thread(_wait_for_lines, server, "bad HTTP requests", 1)
+        assert await asyncio.to_thread(server.stop) == 0
+    stderr = server.stderr
+    _assert_no_secrets(stderr, [token])
+    assert "Traceback" not in stderr, stderr
+    assert "Error handling request" not in stderr
+    summaries = [line for line in stderr.splitlines() if "bad HTTP requests" in line]
+    # The first at once, the rest of the interval when the server stops.
+    assert len(summaries) == 2, summaries
+    counts = [
+        sum(int(part.rsplit("=", 1)[1].strip('"}')) for part in line.split(": ")[-1].split(", "))
+        for line in summaries
+    ]
+    assert counts == [1, 19]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "GET /ws/x?token=eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl HTTP/1.1",
+        "Authorization: Bearer opaque-credential-123",
+        "header eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl in a message",
+        "/signal/x?a=1&token=opaque-credential-123&b=2",
+    ],
+)
+def test_every_token_shape_is_redacted(text: str) -> None:
+    from sds.logs import redact
+
+    redacted = redact(text)
+    assert "[redacted]" in redacted
+    assert "c2lnbmF0dXJl" not in redacted
+    assert "opaque-credential-123" not in redacted
+
+
+def _forged_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("FORGED")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("log_format", ["text", "json"])
+async def test_control_characters_in_paths_and_subs_cannot_forge_log_lines(
+    tmp_path: Path, log_format: str
+) -> None:
+    forged_sub = "mallory\nFORGED ERROR sds.auth: admin token leaked\r"
+    with spawn_server(["--log-format", log_format], cwd=tmp_path) as server:
+        admin = server.token(STORE, scope="admin", sub="admin")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                server.http_url + "/api/token",
+                json={"sub": forged_sub, "scope": "write"},
+                headers={"Authorization": f"Bearer {admin}"},
+            ) as response,
+        ):
+            assert response.status == 200
+            minted = (await response.json())["token"]
+        client = StoreClient(server.ws_url, STORE, minted)
+        await client.connect()
+        await client.close()
+        answer = await asyncio.to_thread(
+            _raw_request,
+            server.port,
+            b"GET /metrics%0AFORGED%20ERROR%20x%0D HTTP/1.1\r\nHost: a\r\n\r\n",
+        )
+        assert b" 404 " in answer
+        await asyncio.to_thread(_wait_for_lines, server, "close store=", 1)
+        assert await asyncio.to_thread(server.stop) == 0
+    stderr = server.stderr
+    assert _forged_lines(stderr) == []
+    assert "\r" not in stderr
+    escaped = "\\\\x0a" if log_format == "json" else "\\x0a"
+    assert stderr.count(f"mallory{escaped}FORGED ERROR") >= 2, "the open and close lines"
+    assert f"/metrics{escaped}FORGED ERROR x" in stderr
+    if log_format == "json":
+        entries = [json.loads(line) for line in stderr.splitlines()]
+        opened = [e for e in entries if e.get("event") == "open"]
+        assert opened[0]["sub"] == "mallory\\x0aFORGED ERROR sds.auth: admin token leaked\\x0d"
+
+
+def test_text_formatter_indents_tracebacks_and_escapes_their_lines() -> None:
+    from sds.logs import TextFormatter
+
+    try:
+        raise ValueError("bad\nFORGED line")
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord(
+            "sds.test", logging.ERROR, __file__, 1, "failed: %s", ("a\nb",), sys.exc_info()
+        )
+    lines = TextFormatter().format(record).splitlines()
+    assert lines[0].endswith("ERROR sds.test: failed: a\\x0ab")
+    assert all(line.startswith("  ") for line in lines[1:])
+    assert _forged_lines("\n".join(lines)) == []
+
+
+@pytest.mark.slow
+async def test_json_access_lines_have_fields_and_trust_forwarded_only_from_trusted_proxies(
+    tmp_path: Path,
+) -> None:
+    forwarded_for = {"X-Forwarded-For": "198.51.100.9, 203.0.113.7"}
+    forwarded = {"Forwarded": 'for="[2001:db8::5]:4711";proto=https'}
+
+    async def get(url: str, headers: dict[str, str]) -> None:
+        async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as r:
+            assert r.status in (200, 404)
+
+    def access_entries(stderr: str) -> list[dict[str, Any]]:
+        entries = [json.loads(line) for line in stderr.splitlines() if line.strip()]
+        return [e for e in entries if e["logger"] == "sds.access" and e["path"] != "/healthz"]
+
+    with spawn_server(["--log-format", "json"], cwd=tmp_path / "a") as server:
+        await get(server.http_url + "/metrics?token=secret-query-value", forwarded_for)
+        await get(server.http_url + "/nothing-here", forwarded)
+        await get(server.http_url + "/metrics", {})
+        assert await asyncio.to_thread(server.stop) == 0
+    first, second, third = access_entries(server.stderr)
+    assert first["method"] == "GET"
+    assert first["path"] == "/metrics"
+    assert first["status"] == 200
+    assert isinstance(first["duration_s"], float) and first["duration_s"] >= 0
+    assert first["remote"] == "203.0.113.7", "loopback is a trusted proxy by default"
+    assert second["remote"] == "2001:db8::5"
+    assert second["status"] == 404
+    assert third["remote"] == "127.0.0.1"
+    assert "secret-query-value" not in server.stderr
+
+    env = clean_env({"SDS_TRUSTED_PROXIES": "10.0.0.0/8, 192.168.1.1"}, secret=TEST_SECRET)
+    with spawn_server(["--log-format", "json"], env=env, cwd=tmp_path / "b") as server:
+        await get(server.http_url + "/metrics", forwarded_for)
+        assert await asyncio.to_thread(server.stop) == 0
+    (entry,) = access_entries(server.stderr)
+    assert entry["remote"] == "127.0.0.1", "a header from an untrusted peer is ignored"
+
+
+@pytest.mark.slow
+async def test_serve_logs_one_start_line_without_secrets(tmp_path: Path) -> None:
+    env = clean_env(
+        {"SDS_DATABASE_URL": "postgresql://sds:db-password-77@db/sds"}, secret=TEST_SECRET
+    )
+    args = ["--persist-dir", str(tmp_path / "stores"), "--max-connections", "77"]
+    with spawn_server(args, env=env, cwd=tmp_path) as server:
+        port = server.port
+        assert await asyncio.to_thread(server.stop) == 0
+    lines = [line for line in server.stderr.splitlines() if "listening on" in line]
+    assert len(lines) == 1
+    (line,) = lines
+    assert f"http://127.0.0.1:{port}" in line
+    assert f"persist dir {tmp_path / 'stores'}" in line
+    assert "value mode: blob" in line
+    assert "max-connections=77" in line
+    assert "max-frame-bytes" not in line, "defaults are not listed"
+    assert TEST_SECRET not in server.stderr
+    assert "db-password-77" not in server.stderr
+
+
+def test_start_line_shows_a_database_url_without_its_password() -> None:
+    from sds.app import _without_password
+
+    assert (
+        _without_password("postgresql://sds:pw-1@db:5432/sds") == "postgresql://sds:***@db:5432/sds"
+    )
+    assert _without_password("postgresql://db/sds") == "postgresql://db/sds"
+    assert _without_password("/var/lib/sds") == "/var/lib/sds"
+    assert (
+        _without_password("postgresql://db/sds?sslmode=require&password=pw-2")
+        == "postgresql://db/sds?sslmode=require&password=***"
+    )
+
+
+def test_other_request_failures_keep_one_traceback_per_interval_and_are_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import sys
+
+    from sds.logs import RequestErrorSummary
+
+    summary = RequestErrorSummary(interval=60)
+
+    def failure() -> logging.LogRecord:
+        try:
+            raise RuntimeError("handler bug")
+        except RuntimeError:
+            return logging.LogRecord(
+                "aiohttp.server",
+                logging.ERROR,
+                __file__,
+                1,
+                "Error handling request from %s",
+                ("127.0.0.1",),
+                sys.exc_info(),
+            )
+
+    caplog.set_level(logging.WARNING, logger="sds.http")
+    assert summary.filter(failure()) is True, "the first keeps its traceback"
+    assert [summary.filter(failure()) for _ in range(5)] == [False] * 5
+    other = logging.LogRecord("sds.app", logging.ERROR, __file__, 1, "other", (), None)
+    assert summary.filter(other) is True
+    summary.flush()
+    # The first suppressed one is reported at once, the rest at the end of the interval.
+    assert [r.getMessage() for r in caplog.records if r.name == "sds.http"] == [
+        "bad HTTP requests since last report: RuntimeError=1",
+        "bad HTTP requests since last report: RuntimeError=4",
+    ]

@@ -212,3 +212,20 @@ async def test_signal_connection_is_closed_with_4001_at_token_expiry(server: Run
         assert time.monotonic() - started < 4.5
     finally:
         await client.close()
+
+
+async def test_deeply_nested_message_is_dropped_counted_and_the_connection_stays(
+    server: RunningServer,
+) -> None:
+    a, b = await peer(server), await peer(server)
+    await a.send_text('{"from": "a", "x": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    assert await silent(b)
+    hello = await say(a, type="hello", **{"from": "a"})
+    assert await heard(b) == hello
+    assert not a.ws.closed
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(server.http_url + "/metrics") as response,
+    ):
+        text = await response.text()
+    assert 'sds_frames_dropped_total{reason="signal_invalid"} 1.0' in text

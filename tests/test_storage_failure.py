@@ -76,3 +76,45 @@ async def test_full_disk_closes_sender_with_1011_and_relays_nothing_unstored(
         assert any("storage write failed" in record.getMessage() for record in caplog.records)
         await reader.close()
         await server.server.close()
+
+
+async def test_healthz_stays_503_after_the_failing_store_closed_until_a_write_succeeds(
+    make_server: ServerFactory, tmp_path: Path
+) -> None:
+    with small_filesystem(tmp_path / "tiny") as stores:
+        filler = stores / "filler"
+        filler.write_bytes(b"f" * 96 * 1024)
+        server = await make_server(persist_dir=stores, store_close_grace=0.1)
+        writer = await server.connect("full", sub="writer")
+        with contextlib.suppress(ConnectionResetError, aiohttp.ClientError):
+            for n in range(200):
+                await writer.send(b"\x01" + n.to_bytes(4, "big") + b"z" * 8192)
+                await asyncio.sleep(0.005)
+        assert await writer.wait_closed(timeout=10) == 1011
+        await writer.close()
+
+        async def health() -> tuple[int, dict[str, object]]:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"{server.http_url}/healthz") as response,
+            ):
+                return response.status, await response.json()
+
+        # Past the store's close grace and several probes: the disk is still full.
+        for _ in range(15):
+            status, body = await health()
+            assert status == 503, body
+            await asyncio.sleep(0.2)
+        assert body["stores"] == 0
+        assert "full" not in str(body["problems"])
+        assert str(stores) not in str(body)
+        assert store_filename("full") not in str(body)
+
+        filler.unlink()
+        for _ in range(50):
+            status, body = await health()
+            if status == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert status == 200, body
+        await server.server.close()

@@ -52,7 +52,8 @@ def claims_of(token: str) -> dict[str, Any]:
 
 
 def admin(server: RunningServer, store: str = STORE) -> str:
-    return server.token(store, "admin", "boss")
+    """An admin token that outlives what the tests mint (minted tokens are capped at it)."""
+    return server.token(store, "admin", "boss", expires_in=400 * 86400)
 
 
 async def test_admin_mints_a_token_for_its_store(
@@ -64,7 +65,7 @@ async def test_admin_mints_a_token_for_its_store(
     assert status == 200
     assert response.headers["Cache-Control"] == "no-store"
     assert response.content_type == "application/json"
-    assert set(body) == {"token"}
+    assert set(body) == {"token", "exp"}
     claims = verify_token(body["token"], SECRET, store_id=STORE)
     assert (claims.sub, claims.aud, claims.scope) == ("alice", STORE, "write")
 
@@ -248,3 +249,105 @@ async def test_body_just_under_the_limit_is_accepted(
 async def test_get_is_not_allowed(server: RunningServer, session: aiohttp.ClientSession) -> None:
     async with session.get(f"{server.http_url}/api/token") as response:
         assert response.status == 405
+
+
+def _raw_post(port: int, head: bytes, parts: list[bytes]) -> tuple[int, Any]:
+    """POST over a socket: ``head`` then each part in a TCP segment of its own; status and JSON."""
+    import socket
+    import time
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(head)
+        for part in parts:
+            time.sleep(0.1)
+            sock.sendall(part)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < 2:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    status = int(answer.split(b" ", 2)[1])
+    body = answer.split(b"\r\n\r\n", 1)[1]
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body
+
+
+def _head(server: RunningServer, extra: str) -> bytes:
+    return (
+        f"POST /api/token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Authorization: Bearer {admin(server)}\r\nContent-Type: application/json\r\n{extra}\r\n"
+    ).encode()
+
+
+async def test_a_body_in_two_tcp_segments_is_read_whole(server: RunningServer) -> None:
+    import asyncio
+
+    body = json.dumps({"sub": "split", "scope": "read"}).encode()
+    head = _head(server, f"Content-Length: {len(body)}\r\n")
+    status, answer = await asyncio.to_thread(
+        _raw_post, server.server.port, head, [body[:10], body[10:]]
+    )
+    assert status == 200, answer
+    assert claims_of(answer["token"])["sub"] == "split"
+
+
+async def test_a_chunked_70_kb_body_is_413_with_a_json_error(server: RunningServer) -> None:
+    import asyncio
+
+    head = _head(server, "Transfer-Encoding: chunked\r\n")
+    piece = b"x" * 10_000
+    chunks = [b'{"sub": "a", "scope": "read", "pad": "']
+    chunks += [piece] * 7 + [b'"}']
+    parts = [f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" for chunk in chunks] + [b"0\r\n\r\n"]
+    status, answer = await asyncio.to_thread(_raw_post, server.server.port, head, parts)
+    assert status == 413, answer
+    assert "larger than" in answer["error"]
+
+
+async def test_deeply_nested_json_is_400_with_a_json_error(
+    server: RunningServer, session: aiohttp.ClientSession
+) -> None:
+    deep = b"[" * 30_000 + b"]" * 30_000
+    status, body, _ = await post(session, server, raw=deep, token=admin(server))
+    assert status == 400
+    assert "nested" in body["error"]
+    async with session.post(
+        f"{server.http_url}/api/stores/{STORE}/compact",
+        data=deep,
+        headers={"Authorization": f"Bearer {admin(server)}"},
+    ) as response:
+        assert response.status == 400
+        assert "nested" in (await response.json())["error"]
+
+
+async def test_a_minted_token_never_outlives_the_admin_token(
+    server: RunningServer, session: aiohttp.ClientSession
+) -> None:
+    short_admin = server.token(STORE, "admin", "boss", expires_in=600)
+    admin_exp = claims_of(short_admin)["exp"]
+    status, body, _ = await post(
+        session, server, {"sub": "a", "scope": "admin", "exp": "100y"}, token=short_admin
+    )
+    assert status == 200
+    assert claims_of(body["token"])["exp"] <= admin_exp
+    assert body["exp"] == claims_of(body["token"])["exp"]
+    status, body, _ = await post(
+        session, server, {"sub": "a", "scope": "read", "exp": "60s"}, token=short_admin
+    )
+    assert claims_of(body["token"])["exp"] - claims_of(body["token"])["iat"] == 60
+
+
+async def test_mint_beyond_admin_expiry_lifts_the_cap(
+    make_server: ServerFactory, session: aiohttp.ClientSession
+) -> None:
+    server = await make_server(mint_beyond_admin_expiry=True)
+    short_admin = server.token(STORE, "admin", "boss", expires_in=600)
+    status, body, _ = await post(
+        session, server, {"sub": "a", "scope": "read", "exp": "7d"}, token=short_admin
+    )
+    assert status == 200
+    assert claims_of(body["token"])["exp"] > claims_of(short_admin)["exp"] + 86400

@@ -19,7 +19,14 @@ from sds.cli.options import (
     stdout_console,
 )
 from sds.protocol import SCOPES
-from sds.tokens import TokenError, decode_unverified, mint_token, parse_duration, verify_token
+from sds.tokens import (
+    TokenError,
+    decode_unverified,
+    exp_is_time,
+    mint_token,
+    parse_duration,
+    verify_token,
+)
 
 SECRET_BYTES = 48
 
@@ -100,6 +107,9 @@ def token_inspect(jwt_token: str, as_json: bool, **options: Any) -> None:
         header, claims = decode_unverified(jwt_token)
     except TokenError as exc:
         _report_invalid(as_json, exc.message)
+        return
+    if "exp" in claims and not exp_is_time(claims["exp"]):
+        _report_invalid(as_json, "`exp` is not a time in seconds (a number from 0 to year 9999)")
         return
     problem = _token_problem(jwt_token, claims, config.jwt_secret, config.issuer)
     verified = bool(config.jwt_secret) and problem is None
