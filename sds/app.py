@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -27,6 +28,7 @@ from sds.ws_handler import ws_handler
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_SECONDS = 1.0
+LISTEN_BACKLOG = 128
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -178,16 +180,71 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
 
 
-def run(config: Config, *, access_log: bool = True) -> None:
-    """Serve until SIGTERM/SIGINT, then shut down gracefully."""
+def run(
+    config: Config,
+    *,
+    access_log: bool = True,
+    on_bound: Callable[[str], None] | None = None,
+) -> None:
+    """Bind, call ``on_bound(url)``, serve until SIGTERM/SIGINT, then shut down gracefully.
+
+    The sockets are bound before anything else happens, so a busy port fails (OSError)
+    before a banner is printed, and the real port is known when ``--port 0`` was asked.
+    """
+    sockets = bind_sockets(config.host, config.port)
+    url = server_url(sockets[0])
+    if on_bound is not None:
+        on_bound(url)
     app = create_app(config)
+
+    async def advertise(app: web.Application) -> None:
+        storage = app[STORAGE]
+        if storage is not None:
+            storage.advertise(url)
+
+    app.on_startup.append(advertise)
     web.run_app(
         app,
-        host=config.host,
-        port=config.port,
+        sock=sockets,
         shutdown_timeout=config.shutdown_timeout,
         access_log_class=AccessLogger,
         access_log=logging.getLogger("sds.access") if access_log else None,
         print=None,
         handle_signals=True,
     )
+
+
+def bind_sockets(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for every address of ``host`` (all on one port, also for port 0)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    seen: set[tuple[int, object]] = set()
+    try:
+        for family, kind, proto, _, address in infos:
+            if (family, address[0]) in seen:
+                continue
+            seen.add((family, address[0]))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            bound_port = sockets[0].getsockname()[1] if len(sockets) > 1 else port
+            sock.bind((address[0], bound_port, *address[2:]))
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def server_url(sock: socket.socket) -> str:
+    """The http:// URL of a listening socket, as a local client reaches it."""
+    host, port = sock.getsockname()[:2]
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -48,11 +48,12 @@ def serve(dev: bool, **options: Any) -> None:
     from sds.logs import setup_logging
 
     setup_logging(config.log_format, config.log_level)
-    if dev:
-        _print_dev_banner(config)
     _use_uvloop()
+    # The banner (with its tokens) is printed once the port is bound: a busy port
+    # gives one line and exit 2, not tokens for a server that never ran.
+    on_bound = (lambda url: _print_dev_banner(config, url)) if dev else None
     try:
-        run(config)
+        run(config, on_bound=on_bound)
     except OSError as exc:
         # Binding fails before anything is served (port taken, unknown host): a
         # configuration problem for the operator, not a crash with a traceback.
@@ -97,7 +98,7 @@ def _dev_secret(path: Path) -> str:
     return value
 
 
-def _print_dev_banner(config: Config) -> None:
+def _print_dev_banner(config: Config, url: str) -> None:
     admin, write = (
         mint_token(
             config.jwt_secret,
@@ -109,12 +110,11 @@ def _print_dev_banner(config: Config) -> None:
         )
         for scope in ("admin", "write")
     )
-    host = "127.0.0.1" if config.host in ("localhost", "127.0.0.1") else f"[{config.host}]"
-    base = f"ws://{host}:{config.port}"
+    base = "ws://" + url.removeprefix("http://")
     click.echo(
         "\n".join(
             [
-                f"sds dev server on http://{host}:{config.port} (loopback only)",
+                f"sds dev server on {url} (loopback only)",
                 f"  store files:  {config.persist_dir}/  (persistence on)",
                 f"  secret file:  {DEV_DATA_DIR / DEV_SECRET_FILE}  (reused on restart)",
                 f"  demo store:   {DEV_STORE}",

@@ -209,8 +209,8 @@ def _print_reports(reports: list[dict[str, Any]], title: str) -> None:
     "--url",
     metavar="URL",
     default=None,
-    help=f"The running server, asked to compact the stores it holds. "
-    f"[env var: {URL_ENV}; default http://127.0.0.1:<SDS_PORT or 3000>]",
+    help="The server you expect to hold the store: checked against the URL the holder "
+    f"recorded in the store's lock file; a mismatch is refused. [env var: {URL_ENV}]",
 )
 @json_option
 @setting_options("persist_dir", "value_mode", "port", "issuer")
@@ -230,16 +230,21 @@ def store_compact(
     WAL is checkpointed and the file vacuumed. What a joining client replays stays
     the same: every distinct patch, in the order first written.
 
-    One writer per file: if the server is not using the file, the command takes the
-    file lock and compacts it itself; if the server holds it, the command asks the
-    server (POST /api/stores/ID/compact with an admin token it signs with the
-    configured secret). If neither works within --wait seconds: exit 1.
+    One writer per file: if no process holds the file's lock, the command takes it
+    and compacts the file itself. If a server holds it, the command asks that server
+    and no other: the one whose URL, persist dir and instance id the holder recorded
+    in the lock file (<file>.db.lock) when it took the lock (POST
+    /api/stores/ID/compact with an admin token signed with the configured secret);
+    the server's answer must name the same persist dir and instance. A --url or
+    --port that disagrees with the record, a holder of another persist dir, or an
+    answer from another server: refused, exit 1. If neither the lock nor the server
+    is available within --wait seconds: exit 1.
 
     \b
     Examples:
       sds store compact notes --persist-dir /var/lib/sds
       sds store compact --all --json
-      SDS_URL=http://127.0.0.1:8080 sds store compact notes --value-mode snapshot
+      sds store compact notes --url http://127.0.0.1:8080 --value-mode snapshot
     """
     if bool(store_id) == all_stores:
         raise click.UsageError("give a store ID or --all (not both)")
@@ -258,7 +263,6 @@ def store_compact(
         fail(str(exc))
         return
     admin_token = _admin_token_factory(config)
-    server = url or default_url(config)
     results = []
     for path, one in targets:
         try:
@@ -266,9 +270,11 @@ def store_compact(
                 path,
                 store_id=one,
                 value_mode=config.value_mode,
-                server_url=server,
+                persist_dir=directory,
                 admin_token=admin_token,
                 wait=wait,
+                server_url=url or os.environ.get(URL_ENV) or None,
+                server_port=config.port if options.get("port") is not None else None,
             )
         except MaintenanceError as exc:
             fail(str(exc))
