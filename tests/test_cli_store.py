@@ -164,3 +164,25 @@ def test_store_help_lists_examples_and_env_vars() -> None:
         assert "Examples:" in output and "SDS_PERSIST_DIR" in output
     code, output = _invoke("store", "compact", "--help")
     assert "SDS_URL" in output and "SDS_JWT_SECRET" in output
+
+
+def test_store_compact_warns_about_an_unreadable_secret_file(tmp_path: Path) -> None:
+    directory = _stores(tmp_path)
+    missing = str(tmp_path / "no-such-secret")
+    result = run_sds(
+        "store",
+        "compact",
+        "notes",
+        env=clean_env(SDS_PERSIST_DIR=str(directory), SDS_JWT_SECRET_FILE=missing),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "warning" in result.stderr and missing in result.stderr
+
+
+def test_client_commands_describe_port_as_the_servers_port() -> None:
+    for command in (("store", "compact"), ("watch",)):
+        code, output = _invoke(*command, "--help")
+        assert code == 0
+        words = " ".join(output.split())
+        port_help = words.split("--port N", 1)[1].split(" --", 1)[0]
+        assert "listen on" not in port_help and "server" in port_help

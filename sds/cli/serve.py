@@ -9,19 +9,24 @@ from typing import Any
 
 import click
 
-from sds.cli.options import SERVER_SETTINGS, ConfigFailure, config_from, setting_options
+from sds.cli.options import (
+    DEV_DATA_DIR,
+    DEV_SECRET_FILE,
+    SERVER_SETTINGS,
+    ConfigFailure,
+    config_from,
+    setting_options,
+)
 from sds.config import Config, ConfigError, check_persist_dir, read_secret_file
 from sds.tokens import mint_token
 
-DEV_DATA_DIR = Path("sds-data")
-DEV_SECRET_FILE = "jwt-secret"
 DEV_STORE = "demo"
 DEV_TOKEN_SECONDS = 7 * 86400
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 @click.command()
-@setting_options(*SERVER_SETTINGS)
+@setting_options(*SERVER_SETTINGS, dev=False)
 @click.option(
     "--dev",
     is_flag=True,
@@ -76,7 +81,7 @@ def _dev_config(options: dict[str, Any]) -> Config:
     explicit = options.get("jwt_secret_file") or os.environ.get("SDS_JWT_SECRET_FILE")
     secret = None
     if not explicit and not os.environ.get("SDS_JWT_SECRET"):
-        secret = _dev_secret(DEV_DATA_DIR / DEV_SECRET_FILE)
+        secret = _dev_secret(DEV_SECRET_FILE)
     return config_from(options, secret=secret)
 
 
@@ -116,7 +121,7 @@ def _print_dev_banner(config: Config, url: str) -> None:
             [
                 f"sds dev server on {url} (loopback only)",
                 f"  store files:  {config.persist_dir}/  (persistence on)",
-                f"  secret file:  {DEV_DATA_DIR / DEV_SECRET_FILE}  (reused on restart)",
+                f"  secret file:  {DEV_SECRET_FILE}  (reused on restart)",
                 f"  demo store:   {DEV_STORE}",
                 f"  admin token:  {admin}",
                 f"  write token:  {write}",

@@ -210,15 +210,25 @@ def _print_reports(reports: list[dict[str, Any]], title: str) -> None:
     metavar="URL",
     default=None,
     help="The server you expect to hold the store: checked against the URL the holder "
-    f"recorded in the store's lock file; a mismatch is refused. [env var: {URL_ENV}]",
+    "recorded in the store's lock file; a mismatch is refused. (SDS_URL and SDS_PORT are "
+    "not used: the lock record names the server.)",
 )
 @json_option
-@setting_options("persist_dir", "value_mode", "port", "issuer")
+@click.option(
+    "--port",
+    "server_port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="The server's TCP port you expect to hold the store: checked against the lock "
+    "record like --url.",
+)
+@setting_options("persist_dir", "value_mode", "issuer")
 def store_compact(
     store_id: str | None,
     all_stores: bool,
     wait: float,
     url: str | None,
+    server_port: int | None,
     as_json: bool,
     **options: Any,
 ) -> None:
@@ -273,8 +283,8 @@ def store_compact(
                 persist_dir=directory,
                 admin_token=admin_token,
                 wait=wait,
-                server_url=url or os.environ.get(URL_ENV) or None,
-                server_port=config.port if options.get("port") is not None else None,
+                server_url=url,
+                server_port=server_port,
             )
         except MaintenanceError as exc:
             fail(str(exc))
