@@ -218,6 +218,7 @@ def _print_reports(reports: list[dict[str, Any]], title: str) -> None:
     "--port",
     "server_port",
     type=click.IntRange(1, 65535),
+    metavar="N",
     default=None,
     help="The server's TCP port you expect to hold the store: checked against the lock "
     "record like --url.",
