@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.text import Text
 
 from sds.config import (
     SECRET_ENV,
@@ -53,6 +54,51 @@ def stderr_console() -> Console:
 def stdout_console() -> Console:
     """The console for data (stdout)."""
     return Console(highlight=False)
+
+
+Column = str | tuple[str, str]
+"""A column name, or ``(name, "left" | "right")``."""
+
+
+def print_table(
+    columns: Sequence[Column],
+    rows: Iterable[Sequence[str | Text]],
+    *,
+    title: str | None = None,
+    header: bool = True,
+) -> None:
+    """Print a table on stdout; every command's tables go through here.
+
+    Nothing is ever cut short: on a terminal, rich wraps long values in their column
+    (``overflow="fold"``); when stdout is not a terminal (a pipe, a file), each row
+    is one plain line, columns padded to their widest value and separated by two
+    spaces. Plain strings are shown as they are (no markup); pass a rich Text for style.
+    """
+    specs = [(c, "left") if isinstance(c, str) else c for c in columns]
+    texts = [[cell if isinstance(cell, Text) else Text(cell) for cell in row] for row in rows]
+    console = stdout_console()
+    if console.is_terminal:
+        from rich.table import Table
+
+        table = Table(title=title, title_justify="left", show_header=header)
+        for name, justify in specs:
+            table.add_column(name, justify=justify, overflow="fold", no_wrap=False)  # type: ignore[arg-type]
+        for row in texts:
+            table.add_row(*row)
+        console.print(table)
+        return
+    lines = [[cell.plain for cell in row] for row in texts]
+    if header:
+        lines.insert(0, [name for name, _ in specs])
+    widths = [max((len(line[i]) for line in lines), default=0) for i in range(len(specs))]
+    if title:
+        click.echo(title)
+    for line in lines:
+        cells = [
+            value.rjust(width) if justify == "right" else value.ljust(width)
+            for value, width, (_, justify) in zip(line, widths, specs, strict=True)
+        ]
+        click.echo("  ".join(cells).rstrip())
 
 
 def setting_options(

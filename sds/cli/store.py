@@ -13,8 +13,8 @@ from sds.cli.options import (
     ConfigFailure,
     config_from,
     fail,
+    print_table,
     setting_options,
-    stdout_console,
 )
 from sds.config import Config
 
@@ -136,10 +136,9 @@ def store_inspect(target: str, as_json: bool, **options: Any) -> None:
 
 
 def _print_reports(reports: list[dict[str, Any]], title: str) -> None:
-    from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, title_justify="left")
-    for name, justify in (
+    columns = [
         ("file", "left"),
         ("store id", "left"),
         ("patches", "right"),
@@ -150,15 +149,16 @@ def _print_reports(reports: list[dict[str, Any]], title: str) -> None:
         ("file bytes", "right"),
         ("last write", "left"),
         ("integrity", "left"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    ]
+    rows: list[list[str | Text]] = []
     for report in reports:
         if "error" in report:
-            table.add_row(report["file"], "", "", "", "", "", "", "", "", f"[red]{report['error']}")
+            error = Text(report["error"], style="red")
+            rows.append([report["file"], "", "", "", "", "", "", "", "", error])
             continue
         check = report["integrity"]
-        check_cell = "[green]ok" if check == "ok" else f"[red]{check}"
-        file_cells = [
+        check_cell = Text(check, style="green" if check == "ok" else "red")
+        file_cells: list[str | Text] = [
             f"{report['blobs']} ({human_bytes(report['blob_bytes'])})",
             human_bytes(report["bytes"]),
             report["last_write"] or "-",
@@ -187,12 +187,14 @@ def _print_reports(reports: list[dict[str, Any]], title: str) -> None:
                     snapshot,
                 ]
             first = index == 0
-            table.add_row(
-                report["file"] if first else "",
-                *store_cells,
-                *(file_cells if first else ["", "", "", ""]),
+            rows.append(
+                [
+                    report["file"] if first else "",
+                    *store_cells,
+                    *(file_cells if first else ["", "", "", ""]),
+                ]
             )
-    stdout_console().print(table)
+    print_table(columns, rows, title=title)
 
 
 @store.command("compact")
@@ -317,21 +319,19 @@ def _admin_token_factory(config: Config) -> Any:
 
 
 def _print_compaction(results: list[dict[str, Any]]) -> None:
-    from rich.table import Table
-
-    table = Table()
-    for name in ("file", "stores", "duplicates removed", "superseded removed", "bytes", "via"):
-        table.add_column(name)
-    for result in results:
-        table.add_row(
+    if not results:
+        click.echo("no store files to compact")
+        return
+    columns = ["file", "stores", "duplicates removed", "superseded removed", "bytes", "via"]
+    rows = [
+        [
             result["file"],
             ", ".join(result["store_ids"]) or "(none)",
             str(result["duplicates_removed"]),
             str(result["superseded_removed"]),
             f"{human_bytes(result['bytes_before'])} -> {human_bytes(result['bytes_after'])}",
             result["via"],
-        )
-    if not results:
-        stdout_console().print("no store files to compact")
-        return
-    stdout_console().print(table)
+        ]
+        for result in results
+    ]
+    print_table(columns, rows)
