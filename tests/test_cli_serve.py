@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from sds.client import StoreClient
+from sds.storage import LockRecord
 from sds.tokens import verify_token
 from tests.helpers import (
     TEST_SECRET,
@@ -265,3 +266,32 @@ async def test_second_server_on_one_persist_dir_warns_and_says_why_it_answers_50
                 logged = [line for line in second.stderr.splitlines() if "'held'" in line]
                 assert logged and "WARNING" in logged[0], second.stderr
                 assert f"pid {first.pid}" in logged[0] and first.http_url in logged[0]
+
+
+async def test_server_on_port_0_records_its_real_url_in_the_lock_files_it_takes(
+    tmp_path: Path,
+) -> None:
+    stores = tmp_path / "stores"
+    env = clean_env(SDS_PORT="0", SDS_JWT_SECRET=TEST_SECRET)
+    with spawn_server(
+        ["--persist-dir", str(stores)], env=env, cwd=tmp_path, port_option=False, wait=False
+    ) as server:
+        deadline = time.monotonic() + 20
+        records: list[Path] = []
+        while not records and time.monotonic() < deadline:
+            records = list(stores.glob(".sds-server-*.lock")) if stores.is_dir() else []
+            time.sleep(0.05)
+        (record,) = records
+        holder = LockRecord.from_json(record.read_text())
+        assert holder is not None and holder.pid == server.pid and holder.url is not None
+        assert not holder.url.endswith(":0")
+        assert holder.persist_dir == str(stores.resolve())
+        status, _ = await asyncio.to_thread(http_get, f"{holder.url}/healthz", 5)
+        assert status == 200
+        token = server.token("notes", "read")
+        async with StoreClient(holder.url, "notes", token):
+            store_lock = LockRecord.from_json((stores / "notes.db.lock").read_text())
+            assert store_lock == holder
+        server.stop()
+    assert not list(stores.glob(".sds-server-*"))
+    assert (stores / "notes.db.lock").read_text() == ""
