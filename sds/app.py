@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator, Callable
 
@@ -230,13 +232,23 @@ def bind_sockets(host: str, port: int) -> list[socket.socket]:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             bound_port = sockets[0].getsockname()[1] if len(sockets) > 1 else port
-            sock.bind((address[0], bound_port, *address[2:]))
+            try:
+                sock.bind((address[0], bound_port, *address[2:]))
+            except OSError as exc:
+                if exc.errno != errno.EADDRNOTAVAIL or len(infos) == 1:
+                    raise
+                # An address family the machine does not have (e.g. ::1 without
+                # IPv6): skipped, as asyncio does.
+                sockets.pop().close()
+                continue
             sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
     except OSError:
         for sock in sockets:
             sock.close()
         raise
+    if not sockets:
+        raise OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
     return sockets
 
 

@@ -292,3 +292,26 @@ def test_an_unreadable_secret_file_is_an_error_for_mint_and_a_warning_for_inspec
     assert inspected.returncode == 0
     warning = inspected.stderr.strip().splitlines()
     assert len(warning) == 1 and "warning" in warning[0] and missing in warning[0]
+
+
+def test_an_unreadable_jwt_secret_file_option_is_a_warning_for_inspect(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-such-secret")
+    token = mint_token(SECRET, store_id="d", scope="read", sub="a")
+    result = run_sds("token", "inspect", "--jwt-secret-file", missing, token, env=clean_env())
+    assert result.returncode == 0
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("sds: warning:") and missing in line
+    minted = run_sds(
+        "token",
+        "mint",
+        "--jwt-secret-file",
+        missing,
+        "--store",
+        "d",
+        "--scope",
+        "read",
+        "--sub",
+        "a",
+        env=clean_env(),
+    )
+    assert minted.returncode == 2 and minted.stdout == ""

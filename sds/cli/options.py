@@ -171,8 +171,8 @@ def config_from(
                 )
         if "persist_dir" in options and not _persist_dir_set(options):
             values["persist_dir"] = str(DEV_DATA_DIR)
-    elif not require_secret and secret is None and secret_file is None:
-        _warn_unreadable_secret_file()
+    elif not require_secret and secret is None:
+        secret_file = _readable_secret_file(secret_file)
     try:
         return load_config(
             values,
@@ -194,15 +194,21 @@ def _persist_dir_set(options: dict[str, Any]) -> bool:
     return options.get("persist_dir") is not None or any(os.environ.get(e) for e in setting.env)
 
 
-def _warn_unreadable_secret_file() -> None:
-    """A command that can do without the secret still says when the configured file is unreadable."""
-    path = os.environ.get(SECRET_FILE_ENV)
-    if not path:
-        return
+def _readable_secret_file(secret_file: Path | None) -> Path | None:
+    """For a command that can do without the secret: a configured secret file
+    (option or SDS_JWT_SECRET_FILE) that cannot be read is a one-line warning, not
+    silence; the command goes on without it (None)."""
+    path = secret_file or (
+        Path(os.environ[SECRET_FILE_ENV]) if os.environ.get(SECRET_FILE_ENV) else None
+    )
+    if path is None:
+        return None
     try:
-        read_secret_file(Path(path))
+        read_secret_file(path)
     except ConfigError as exc:
-        click.echo(f"sds: warning: {exc}; going on without the secret", err=True)
+        click.echo(f"sds: warning: {exc}; ignoring it", err=True)
+        return None
+    return secret_file
 
 
 def fail(message: str, code: int = 1) -> None:
