@@ -679,10 +679,11 @@ class Storage:
             )
         if self._server_fd is None:
             try:
+                # A few seconds: another server's start-up scan may probe it meanwhile.
                 self._server_fd = try_lock(
-                    self._server_record_path(), timeout=0, record=self.holder
+                    self._server_record_path(), timeout=2.0, record=self.holder
                 )
-            except OSError as exc:
+            except (OSError, StorageError) as exc:
                 log.warning("cannot write the server record in %s: %s", self.directory, exc)
 
     def _server_record_path(self) -> Path:
@@ -729,12 +730,9 @@ class Storage:
                 self._opening[name] = opening
                 try:
                     file = await self._open(name)
-                except StoreLocked as exc:
-                    self._warn_locked(store_id, exc)
-                    opening.set_exception(exc)
-                    opening.exception()
-                    raise
                 except BaseException as exc:
+                    if isinstance(exc, StoreLocked):
+                        self._warn_locked(store_id, exc)
                     opening.set_exception(exc)
                     opening.exception()
                     raise
