@@ -473,7 +473,7 @@ def compact_safely(
             # Between its flock and its record, or a command-line writer (restore,
             # another compaction) that will let go soon: worth waiting for.
             who = holder.describe() if holder is not None and holder.pid else "no lock record"
-            problem = f"its holder ({who}) is not a server that recorded its URL"
+            problem = f"its holder ({who}) is not a server: it recorded no URL to ask"
         else:
             _check_holder(path, holder, persist_dir, server_url, server_port)
             if admin_token is None:

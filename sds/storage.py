@@ -152,8 +152,8 @@ class LockRecord:
 
     def describe(self) -> str:
         """``pid 123, http://127.0.0.1:3000`` (or ``pid 123, sds store compact``)."""
-        where = self.url or self.command or "no server URL recorded"
-        return f"pid {self.pid}, {where}"
+        where = self.url or self.command
+        return f"pid {self.pid}, {where}" if where else f"pid {self.pid}"
 
 
 PROCESS_INSTANCE = secrets.token_hex(8)
