@@ -71,7 +71,13 @@ async def compact_handler(request: web.Request) -> web.Response:
         result.superseded_removed,
     )
     result.via = "server"
-    return web.json_response(result.as_json(), headers={"Cache-Control": "no-store"})
+    # Who did it: `sds store compact` checks that the server it asked is the one that
+    # holds the store in the persist dir it was pointed at (see sds.storage.LockRecord).
+    answer = {
+        **result.as_json(),
+        "server": {"persist_dir": storage.holder.persist_dir, "instance": storage.holder.instance},
+    }
+    return web.json_response(answer, headers={"Cache-Control": "no-store"})
 
 
 async def _value_mode(request: web.Request, default: str) -> str:

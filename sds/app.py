@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import re
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
@@ -35,6 +38,7 @@ from sds.ws_handler import ws_handler
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_SECONDS = 1.0
+LISTEN_BACKLOG = 128
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -172,7 +176,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
 
 
-def start_line(config: Config) -> str:
+def start_line(config: Config, url: str | None = None) -> str:
     """What ``sds serve`` logs on start: version, address, storage, non-default limits.
 
     No secret and no password: a setting named like one is left out, and a URL
@@ -201,7 +205,8 @@ def start_line(config: Config) -> str:
             value = ",".join(str(item) for item in value)
         changed.append(f"{setting.option.lstrip('-')}={_without_password(str(value))}")
     line = (
-        f"sds {sds_version()} listening on http://{host}:{config.port}, storage: {storage}, "
+        f"sds {sds_version()} listening on {url or f'http://{host}:{config.port}'}, "
+        f"storage: {storage}, "
         f"value mode: {config.value_mode}"
     )
     return line + (f", settings: {' '.join(changed)}" if changed else "")
@@ -223,21 +228,86 @@ def _without_password(value: str) -> str:
         return "***"
 
 
-def run(config: Config, *, access_log: bool = True) -> None:
-    """Serve until SIGTERM/SIGINT, then shut down gracefully."""
+def run(
+    config: Config,
+    *,
+    access_log: bool = True,
+    on_bound: Callable[[str], None] | None = None,
+) -> None:
+    """Bind, call ``on_bound(url)``, serve until SIGTERM/SIGINT, then shut down gracefully.
+
+    The sockets are bound before anything else happens, so a busy port fails (OSError)
+    before a banner is printed, and the real port is known when ``--port 0`` was asked.
+    """
+    sockets = bind_sockets(config.host, config.port)
+    url = server_url(sockets[0])
+    if on_bound is not None:
+        on_bound(url)
     app = create_app(config)
+
+    async def advertise(app: web.Application) -> None:
+        storage = app[STORAGE]
+        if storage is not None:
+            storage.advertise(url)
+
+    app.on_startup.append(advertise)
 
     def log_start(_banner: str) -> None:
         # aiohttp prints its banner once every site listens: the start line instead.
-        log.info("%s", start_line(config))
+        log.info("%s", start_line(config, url))
 
     web.run_app(
         app,
-        host=config.host,
-        port=config.port,
+        sock=sockets,
         shutdown_timeout=config.shutdown_timeout,
         access_log_class=AccessLogger,
         access_log=logging.getLogger("sds.access") if access_log else None,
         print=log_start,
         handle_signals=True,
     )
+
+
+def bind_sockets(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for every address of ``host`` (all on one port, also for port 0)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    seen: set[tuple[int, object]] = set()
+    try:
+        for family, kind, proto, _, address in infos:
+            if (family, address[0]) in seen:
+                continue
+            seen.add((family, address[0]))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            bound_port = sockets[0].getsockname()[1] if len(sockets) > 1 else port
+            try:
+                sock.bind((address[0], bound_port, *address[2:]))
+            except OSError as exc:
+                if exc.errno != errno.EADDRNOTAVAIL or len(infos) == 1:
+                    raise
+                # An address family the machine does not have (e.g. ::1 without
+                # IPv6): skipped, as asyncio does.
+                sockets.pop().close()
+                continue
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    if not sockets:
+        raise OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
+    return sockets
+
+
+def server_url(sock: socket.socket) -> str:
+    """The http:// URL of a listening socket, as a local client reaches it."""
+    host, port = sock.getsockname()[:2]
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -8,6 +8,7 @@ async with StoreClient("ws://127.0.0.1:3000", "demo", token) as client:
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from types import TracebackType
 from urllib.parse import quote
@@ -51,6 +52,8 @@ class StoreClient:
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._close_code: int | None = None
+        self.refusal: str | None = None
+        """The ``error`` of the server's JSON body when it refused the handshake."""
 
     async def __aenter__(self) -> StoreClient:
         await self.connect()
@@ -65,8 +68,11 @@ class StoreClient:
         await self.close()
 
     async def connect(self) -> None:
-        """Open the connection; aiohttp.WSServerHandshakeError carries a refusal's status."""
-        self._session = aiohttp.ClientSession()
+        """Open the connection; aiohttp.WSServerHandshakeError carries a refusal's status,
+        and ``refusal`` the reason the server gave."""
+        tracing = aiohttp.TraceConfig()
+        tracing.on_request_end.append(self._read_refusal)
+        self._session = aiohttp.ClientSession(trace_configs=[tracing])
         try:
             self._ws = await self._session.ws_connect(
                 self.url,
@@ -78,6 +84,19 @@ class StoreClient:
         except BaseException:
             await self._session.close()
             raise
+
+    async def _read_refusal(
+        self, _session: object, _context: object, params: aiohttp.TraceRequestEndParams
+    ) -> None:
+        # aiohttp raises on a non-101 answer without reading its body: read it here.
+        response = params.response
+        if response.status == 101:
+            return
+        try:
+            body = json.loads(await response.read())
+            self.refusal = str(body["error"])
+        except (aiohttp.ClientError, ValueError, KeyError, TypeError):
+            self.refusal = None
 
     @property
     def ws(self) -> aiohttp.ClientWebSocketResponse:

@@ -24,7 +24,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sds.storage import SQLITE_VERSION, StoreBusy, connect_sync, store_filename, try_lock
+from sds.storage import (
+    SQLITE_VERSION,
+    LockRecord,
+    StoreLocked,
+    connect_sync,
+    process_record,
+    store_filename,
+    try_lock,
+    unlock,
+)
 
 TABLES = ("snapshots", "patches", "blobs")
 SIDE_SUFFIXES = ("-wal", "-shm")
@@ -380,8 +389,9 @@ def compact_path(store_id: str) -> str:
 
 def compact_via_server(
     base_url: str, store_id: str, token: str, *, value_mode: str
-) -> CompactionResult:
-    """Ask the running server to compact a store (it holds the file); its report."""
+) -> tuple[CompactionResult, dict[str, Any]]:
+    """Ask the running server to compact a store (it holds the file): its report, and the
+    ``server`` part of its answer (its persist dir and instance id)."""
     request = urllib.request.Request(
         base_url.rstrip("/") + compact_path(store_id),
         data=json.dumps({"value_mode": value_mode}).encode(),
@@ -401,8 +411,11 @@ def compact_via_server(
         raise ServerUnavailable(f"the server at {base_url} did not answer ({reason})") from None
     except ValueError:
         raise MaintenanceError(f"the server at {base_url} sent an unreadable answer") from None
+    if not isinstance(body, dict):
+        raise MaintenanceError(f"the server at {base_url} sent an unreadable answer")
     details = body.get("details", {})
-    return CompactionResult(
+    server = body.get("server")
+    result = CompactionResult(
         file=str(body.get("file", "")),
         store_ids=list(body.get("store_ids", [store_id])),
         duplicates_removed=int(body.get("duplicates_removed", 0)),
@@ -413,6 +426,7 @@ def compact_via_server(
         via="server",
         details=details if isinstance(details, dict) else {},
     )
+    return result, server if isinstance(server, dict) else {}
 
 
 def _error_message(exc: urllib.error.HTTPError) -> str:
@@ -427,37 +441,57 @@ def compact_safely(
     *,
     store_id: str | None,
     value_mode: str,
-    server_url: str,
+    persist_dir: Path,
     admin_token: Callable[[str], str] | None,
     wait: float,
+    server_url: str | None = None,
+    server_port: int | None = None,
 ) -> CompactionResult:
     """Compact under the one-writer rule: directly when the file lock is free, else through
     the server that holds it; MaintenanceError when neither works within ``wait`` seconds.
+
+    The server is the one named in the lock file's record, never another: the admin
+    token goes only to the URL its holder recorded, and the server's answer must name
+    the same instance and ``persist_dir``. ``server_url``/``server_port`` (what the
+    operator said) must agree with the record, else MaintenanceError without asking.
     """
     deadline = time.monotonic() + wait
     while True:
+        holder: LockRecord | None = None
         try:
-            fd: int | None = try_lock(path, timeout=0)
-        except StoreBusy:
-            fd = None
+            fd: int | None = try_lock(path, timeout=0, record=process_record("sds store compact"))
+        except StoreLocked as exc:
+            fd, holder = None, exc.holder
         except OSError as exc:
             raise MaintenanceError(f"cannot lock {path.name}: {exc.strerror}") from None
         if fd is not None:
             try:
                 return compact_file(path, store_id=store_id, value_mode=value_mode)
             finally:
-                os.close(fd)
-        if admin_token is None:
-            raise MaintenanceError(
-                f"{path.name} is in use by the server; a JWT secret is needed to ask it to "
-                "compact (SDS_JWT_SECRET or SDS_JWT_SECRET_FILE)"
-            )
-        try:
-            return _compact_file_via_server(
-                path, store_id, value_mode=value_mode, url=server_url, admin_token=admin_token
-            )
-        except ServerUnavailable as exc:
-            problem = str(exc)
+                unlock(fd)
+        if holder is None or holder.url is None:
+            # Between its flock and its record, or a command-line writer (restore,
+            # another compaction) that will let go soon: worth waiting for.
+            who = holder.describe() if holder is not None and holder.pid else "no lock record"
+            problem = f"its holder ({who}) is not a server: it recorded no URL to ask"
+        else:
+            _check_holder(path, holder, persist_dir, server_url, server_port)
+            if admin_token is None:
+                raise MaintenanceError(
+                    f"{path.name} is in use by the server at {holder.url}; a JWT secret is "
+                    "needed to ask it to compact (SDS_JWT_SECRET or SDS_JWT_SECRET_FILE)"
+                )
+            try:
+                return _compact_file_via_server(
+                    path,
+                    store_id,
+                    value_mode=value_mode,
+                    holder=holder,
+                    persist_dir=persist_dir,
+                    admin_token=admin_token,
+                )
+            except ServerUnavailable as exc:
+                problem = str(exc)
         if time.monotonic() >= deadline:
             raise MaintenanceError(
                 f"cannot compact {path.name} within {wait:g}s: another process holds its "
@@ -466,14 +500,63 @@ def compact_safely(
         time.sleep(RETRY_SECONDS)
 
 
+def _check_holder(
+    path: Path,
+    holder: LockRecord,
+    persist_dir: Path,
+    server_url: str | None,
+    server_port: int | None,
+) -> None:
+    """Refuse (MaintenanceError) unless the lock's holder serves this persist dir at the
+    address the operator named (if any)."""
+    if holder.persist_dir is None or not _same_dir(holder.persist_dir, persist_dir):
+        raise MaintenanceError(
+            f"refusing to compact {path.name}: its lock is held by a server of another "
+            f"persist dir ({holder.persist_dir or 'none recorded'}, {holder.describe()})"
+        )
+    assert holder.url is not None
+    recorded = _host_port(holder.url)
+    if server_url is not None and _host_port(server_url) != recorded:
+        raise MaintenanceError(
+            f"refusing to compact {path.name}: --url {server_url} is not the server that holds "
+            f"it ({holder.describe()})"
+        )
+    if server_port is not None and recorded[1] != server_port:
+        raise MaintenanceError(
+            f"refusing to compact {path.name}: --port {server_port} is not the port of the "
+            f"server that holds it ({holder.describe()})"
+        )
+
+
+def _same_dir(recorded: str, persist_dir: Path) -> bool:
+    try:
+        return os.path.samefile(recorded, persist_dir)
+    except OSError:
+        return os.path.realpath(recorded) == os.path.realpath(persist_dir)
+
+
+def _host_port(url: str) -> tuple[str, int | None]:
+    """``(host, port)`` of a URL, with the loopback names made one."""
+    try:
+        parts = urllib.parse.urlsplit(url if "//" in url else "//" + url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return url, None
+    if port is None:
+        port = 443 if parts.scheme in ("https", "wss") else 80
+    return ("127.0.0.1" if host == "localhost" else host), port
+
+
 def _compact_file_via_server(
     path: Path,
     store_id: str | None,
     *,
     value_mode: str,
-    url: str,
+    holder: LockRecord,
+    persist_dir: Path,
     admin_token: Callable[[str], str],
 ) -> CompactionResult:
+    assert holder.url is not None
     if store_id is not None:
         ids = [store_id]
     else:
@@ -485,7 +568,18 @@ def _compact_file_via_server(
     total = CompactionResult(file=path.name, store_ids=ids, via="server")
     total.bytes_before = file_bytes(path)
     for one in ids:
-        result = compact_via_server(url, one, admin_token(one), value_mode=value_mode)
+        result, server = compact_via_server(
+            holder.url, one, admin_token(one), value_mode=value_mode
+        )
+        answered_dir = server.get("persist_dir")
+        if server.get("instance") != holder.instance or not (
+            isinstance(answered_dir, str) and _same_dir(answered_dir, persist_dir)
+        ):
+            raise MaintenanceError(
+                f"the server at {holder.url} is not the one that holds {path.name} "
+                f"(it answered for persist dir {answered_dir or '?'}, instance "
+                f"{server.get('instance') or '?'}; the lock names {holder.instance})"
+            )
         total.duplicates_removed += result.duplicates_removed
         total.superseded_removed += result.superseded_removed
         total.details.update(result.details)

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import functools
+import json
 import logging
 import os
 import re
+import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -64,6 +67,12 @@ GATHER_TURNS = 4
 STATEMENT_CACHE = 512
 """Prepared INSERTs kept per connection (one per batch size seen)."""
 LOCK_SUFFIX = ".lock"
+LOCKED_WARNING_SECONDS = 60.0
+"""A store held by another process is logged at most once per this many seconds."""
+MAX_LOCKED_WARNINGS = 4096
+SERVER_RECORD_PREFIX = ".sds-server-"
+"""Directory record of a running server: ``<persist dir>/.sds-server-<instance>.lock``."""
+STALE_SERVER_RECORD_SECONDS = 10.0
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -97,32 +106,162 @@ class StoreBusy(StorageError):
     """Another process holds the store file's lock, or too many files are open."""
 
 
+class StoreLocked(StoreBusy):
+    """Another process holds the store file's lock; ``holder`` is its lock record (or None)."""
+
+    def __init__(self, message: str, holder: LockRecord | None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+@dataclasses.dataclass(frozen=True)
+class LockRecord:
+    """Who holds a lock file: written into it by every process right after its flock succeeds.
+
+    The flock is the truth about *whether* the file is held; the record says *by whom*
+    and where that process is reached: a server records its URL (the address it bound),
+    its persist dir and a random instance id, so ``sds store compact`` talks to the one
+    process that owns the store and to nobody else. Command-line writers (compaction,
+    restore) record their pid and command with no URL.
+    """
+
+    pid: int
+    instance: str
+    url: str | None = None
+    persist_dir: str | None = None
+    command: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> LockRecord | None:
+        """The record of a lock file's text; None when empty or unreadable."""
+        try:
+            data = json.loads(text)
+            record = cls(
+                pid=int(data["pid"]),
+                instance=str(data["instance"]),
+                url=str(data["url"]) if data.get("url") else None,
+                persist_dir=str(data["persist_dir"]) if data.get("persist_dir") else None,
+                command=str(data["command"]) if data.get("command") else None,
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+        return record
+
+    def describe(self) -> str:
+        """``pid 123, http://127.0.0.1:3000`` (or ``pid 123, sds store compact``)."""
+        where = self.url or self.command
+        return f"pid {self.pid}, {where}" if where else f"pid {self.pid}"
+
+
+PROCESS_INSTANCE = secrets.token_hex(8)
+"""A random id of this process: recorded in the lock files it takes."""
+
+
+def process_record(command: str | None = None) -> LockRecord:
+    """The lock record of a process that is not a server (no URL)."""
+    return LockRecord(pid=os.getpid(), instance=PROCESS_INSTANCE, command=command)
+
+
 @contextlib.contextmanager
-def file_lock(db_path: Path, *, timeout: float) -> Iterator[int]:
+def file_lock(db_path: Path, *, timeout: float, record: LockRecord | None = None) -> Iterator[int]:
     """Hold the one-writer lock of a store file (blocking up to ``timeout`` seconds)."""
-    fd = try_lock(db_path, timeout=timeout)
+    fd = try_lock(db_path, timeout=timeout, record=record)
     try:
         yield fd
     finally:
-        os.close(fd)
+        unlock(fd)
 
 
-def try_lock(db_path: Path, *, timeout: float) -> int:
-    """Take the one-writer lock of a store file; the returned fd holds it until closed."""
+def try_lock(db_path: Path, *, timeout: float, record: LockRecord | None = None) -> int:
+    """Take the one-writer lock of a store file; the returned fd holds it until closed.
+
+    Once the flock is held, ``record`` (default: this process without a URL)
+    replaces the lock file's content. StoreLocked, with the holder's record, when
+    another process keeps the lock past ``timeout`` seconds.
+    """
     fd = os.open(lock_path(db_path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     deadline = time.monotonic() + timeout
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
+            break
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 os.close(fd)
                 raise
         if time.monotonic() >= deadline:
+            holder = _read_record(fd)
             os.close(fd)
-            raise StoreBusy(f"{db_path.name} is locked by another process")
+            # The holder's pid and URL go to the log, not into messages clients may see.
+            raise StoreLocked(f"{db_path.name} is locked by another process", holder)
         time.sleep(0.05)
+    try:
+        data = (record or process_record()).to_json().encode() + b"\n"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+    except OSError:
+        # The record is for diagnostics; the flock alone guards the file.
+        pass
+    return fd
+
+
+def unlock(fd: int) -> None:
+    """Release a lock taken by try_lock; its record is cleared so nobody reads it as current."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+    os.close(fd)
+
+
+def lock_holder(db_path: Path) -> LockRecord | None:
+    """The record of the process holding a store file's lock; None when nobody holds it.
+
+    A held lock whose record is missing (a holder between its flock and its write,
+    or an older version) gives a record with pid 0 and no URL.
+    """
+    try:
+        fd = os.open(lock_path(db_path), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            return _read_record(fd) or LockRecord(pid=0, instance="")
+        return None
+    finally:
+        os.close(fd)
+
+
+def live_servers(directory: Path) -> list[LockRecord]:
+    """The records of the servers that hold a directory record in ``directory`` now.
+
+    Records left behind by a server that died (nobody holds them) are removed
+    once a few seconds old.
+    """
+    found = []
+    for path in sorted(directory.glob(f"{SERVER_RECORD_PREFIX}*{LOCK_SUFFIX}")):
+        base = path.with_name(path.name[: -len(LOCK_SUFFIX)])
+        try:
+            holder = lock_holder(base)
+            if holder is not None:
+                found.append(holder)
+            elif time.time() - path.stat().st_mtime > STALE_SERVER_RECORD_SECONDS:
+                path.unlink()
+        except OSError:
+            continue
+    return found
+
+
+def _read_record(fd: int) -> LockRecord | None:
+    try:
+        return LockRecord.from_json(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+    except OSError:
+        return None
 
 
 def connect_sync(path: Path, *, sync: str = "normal", readonly: bool = False) -> sqlite3.Connection:
@@ -213,11 +352,11 @@ class StoreFile:
         self._committer: asyncio.Task[None] | None = None
         self._io = asyncio.Lock()
 
-    async def open(self, *, lock_timeout: float) -> None:
+    async def open(self, *, lock_timeout: float, record: LockRecord | None = None) -> None:
         loop = asyncio.get_running_loop()
         try:
             self._lock_fd = await loop.run_in_executor(
-                None, lambda: try_lock(self.path, timeout=lock_timeout)
+                None, lambda: try_lock(self.path, timeout=lock_timeout, record=record)
             )
         except OSError as exc:
             raise StorageError(f"cannot lock {self.path.name}: {exc.strerror}") from None
@@ -245,7 +384,7 @@ class StoreFile:
                 await db.close()
             self.metrics.store_files_open -= 1
         if self._lock_fd is not None:
-            os.close(self._lock_fd)
+            unlock(self._lock_fd)
             self._lock_fd = None
 
     async def _max_clock(self, store_id: str) -> int:
@@ -507,11 +646,64 @@ class Storage:
         self.close_grace = close_grace
         self.lock_timeout = lock_timeout
         self.metrics = metrics or Metrics()
+        self.holder = LockRecord(
+            pid=os.getpid(), instance=secrets.token_hex(8), persist_dir=str(directory.resolve())
+        )
+        """What this server writes into the lock files it takes; ``advertise`` adds its URL."""
+        self._locked_warned: dict[str, float] = {}
+        self._server_fd: int | None = None
         self._files: dict[str, StoreFile] = {}
         self._opening: dict[str, asyncio.Future[StoreFile]] = {}
 
     def path_of(self, store_id: str) -> Path:
         return self.directory / store_filename(store_id)
+
+    def advertise(self, url: str) -> None:
+        """Record the URL this server is reached at in every lock file it takes from now on.
+
+        Also leaves a directory record (``.sds-server-<instance>.lock``, held while the
+        server runs) and logs a WARNING for each other live server of the same persist
+        dir: they would answer 503 for each other's stores. A warning, not a refusal,
+        so that several processes may share a dir on purpose.
+        """
+        self.holder = dataclasses.replace(self.holder, url=url)
+        for other in live_servers(self.directory):
+            log.warning(
+                "persist dir %s is also served by another server (%s): each store file has "
+                "one writer, so stores one server holds get 503 from the other",
+                self.directory,
+                other.describe(),
+            )
+        if self._server_fd is None:
+            try:
+                # A few seconds: another server's start-up scan may probe it meanwhile.
+                self._server_fd = try_lock(
+                    self._server_record_path(), timeout=2.0, record=self.holder
+                )
+            except (OSError, StorageError) as exc:
+                log.warning("cannot write the server record in %s: %s", self.directory, exc)
+
+    def _server_record_path(self) -> Path:
+        return self.directory / f"{SERVER_RECORD_PREFIX}{self.holder.instance}"
+
+    def _warn_locked(self, store_id: str, exc: StoreLocked) -> None:
+        """One WARNING per store and minute: another process holds the file this server needs."""
+        now = time.monotonic()
+        if (
+            now - self._locked_warned.get(store_id, -LOCKED_WARNING_SECONDS)
+            < LOCKED_WARNING_SECONDS
+        ):
+            return
+        if len(self._locked_warned) >= MAX_LOCKED_WARNINGS:
+            self._locked_warned.clear()
+        self._locked_warned[store_id] = now
+        holder = exc.holder.describe() if exc.holder is not None else "no lock record"
+        log.warning(
+            "store %r is held by another process (%s): its clients get 503 here "
+            "(one writer per store file)",
+            store_id,
+            holder,
+        )
 
     @property
     def failures(self) -> list[str]:
@@ -536,6 +728,8 @@ class Storage:
                 try:
                     file = await self._open(name)
                 except BaseException as exc:
+                    if isinstance(exc, StoreLocked):
+                        self._warn_locked(store_id, exc)
                     opening.set_exception(exc)
                     opening.exception()
                     raise
@@ -557,7 +751,7 @@ class Storage:
                 raise StoreBusy("too many store files open")
             await self._close_file(idle[0])
         file = StoreFile(self.directory / name, sync=self.sync, metrics=self.metrics)
-        await file.open(lock_timeout=self.lock_timeout)
+        await file.open(lock_timeout=self.lock_timeout, record=self.holder)
         self._files[name] = file
         return file
 
@@ -588,3 +782,8 @@ class Storage:
         """Flush and close every file (shutdown)."""
         for file in list(self._files.values()):
             await self._close_file(file)
+        if self._server_fd is not None:
+            with contextlib.suppress(OSError):
+                lock_path(self._server_record_path()).unlink()
+            unlock(self._server_fd)
+            self._server_fd = None

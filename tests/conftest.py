@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from sds.app import create_app
+from sds.appkeys import STORAGE
 from sds.client import StoreClient
 from sds.config import Config
 from sds.tokens import mint_token
@@ -87,6 +88,10 @@ async def make_server(make_config: Callable[..., Config]) -> AsyncIterator[Serve
         server = TestServer(create_app(config), host="127.0.0.1")
         await server.start_server()
         handle = RunningServer(server, config)
+        storage = handle.app.get(STORAGE)
+        if storage is not None:
+            # As `sds serve` does once bound: lock files name the URL of their holder.
+            storage.advertise(handle.http_url)
         handle._clients = []
         running.append(handle)
         return handle

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
+from pathlib import Path
 
 import aiohttp
+import pytest
 
 from sds.client import StoreClient
 from sds.maintenance import distinct_in_order
+from sds.storage import try_lock
 from tests.conftest import SECRET, RunningServer, ServerFactory
-from tests.helpers import clean_env, run_sds_async, streaming_writer
+from tests.helpers import (
+    TEST_SECRET,
+    clean_env,
+    one_error_line,
+    run_sds_async,
+    spawn_server,
+    streaming_writer,
+)
+from tests.store_files import db_digests, write_store
 
 
 async def _post(
@@ -161,3 +174,78 @@ async def test_store_client_sees_no_gap_after_compaction(persistent_server: Runn
         await writer.send(b"\x01three")
         assert await late.receive(timeout=5) == b"\x01three"
     assert await _joiner_view(server, "seam") == [b"\x01one", b"\x01two", b"\x01three"]
+
+
+def _two_servers_with_duplicates(tmp_path: Path) -> tuple[Path, Path]:
+    """Two persist dirs, each with a store "notes" holding 3 distinct of 5 patches."""
+    dirs = (tmp_path / "a", tmp_path / "b")
+    for directory in dirs:
+        directory.mkdir()
+        write_store(directory / "notes.db", "notes", [b"a", b"b", b"a", b"c", b"b"])
+    return dirs
+
+
+async def test_compact_asks_only_the_server_that_holds_the_store_of_its_persist_dir(
+    tmp_path: Path,
+) -> None:
+    dir_a, dir_b = _two_servers_with_duplicates(tmp_path)
+    with (
+        spawn_server(["--persist-dir", str(dir_a)], cwd=tmp_path, log_dir=tmp_path / "la") as a,
+        spawn_server(["--persist-dir", str(dir_b)], cwd=tmp_path, log_dir=tmp_path / "lb") as b,
+    ):
+        async with (
+            StoreClient(a.ws_url, "notes", a.token("notes", "read")),
+            StoreClient(b.ws_url, "notes", b.token("notes", "read")),
+        ):
+            b_before = db_digests(dir_b)
+            # The default URL (SDS_PORT) reaches server B; the persist dir is A's.
+            env = clean_env(
+                SDS_PERSIST_DIR=str(dir_a), SDS_PORT=str(b.port), SDS_JWT_SECRET=TEST_SECRET
+            )
+            result = await run_sds_async("store", "compact", "notes", "--json", env=env)
+            assert result.returncode == 0, result.stderr
+            (report,) = json.loads(result.stdout)["results"]
+            assert report["via"] == "server"
+            assert report["duplicates_removed"] == 2
+            assert db_digests(dir_b) == b_before
+            async with StoreClient(b.ws_url, "notes", b.token("notes", "read")) as joiner:
+                assert len(await joiner.receive_all(0.5)) == 5
+
+            # An explicit --url naming the other server is refused; nothing changes.
+            a_before = db_digests(dir_a)
+            result = await run_sds_async(
+                "store", "compact", "notes", "--url", b.http_url, "--wait", "1", env=env
+            )
+            assert result.returncode == 1
+            line = one_error_line(result)
+            assert "refusing" in line and b.http_url in line and f"pid {a.pid}" in line
+            assert db_digests(dir_a) == a_before
+            assert db_digests(dir_b) == b_before
+
+
+async def test_compact_never_sends_the_token_to_a_default_url_when_the_holder_names_none(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "stores"
+    directory.mkdir()
+    write_store(directory / "notes.db", "notes", [b"a", b"a"])
+    before = db_digests(directory)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0)
+        port = listener.getsockname()[1]
+        fd = try_lock(directory / "notes.db", timeout=1)  # a holder that recorded no URL
+        try:
+            env = clean_env(
+                SDS_PERSIST_DIR=str(directory), SDS_PORT=str(port), SDS_JWT_SECRET=TEST_SECRET
+            )
+            result = await run_sds_async("store", "compact", "notes", "--wait", "0.5", env=env)
+        finally:
+            os.close(fd)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    assert result.returncode == 1
+    line = one_error_line(result)
+    assert "not a server" in line and f"pid {os.getpid()}" in line
+    assert db_digests(directory) == before

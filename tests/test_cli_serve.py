@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import stat
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from sds.client import StoreClient
+from sds.storage import LockRecord
 from sds.tokens import verify_token
-from tests.helpers import TEST_SECRET, clean_env, free_port, run_sds, spawn_server
+from tests.helpers import (
+    TEST_SECRET,
+    clean_env,
+    free_port,
+    http_get,
+    run_sds,
+    spawn_server,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -209,3 +221,77 @@ def _listening_addresses(port: int) -> set[str] | None:
                 else:
                     found.add(f"ipv6:{address}")
     return found
+
+
+def test_dev_on_a_busy_port_prints_one_line_and_no_tokens(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_sds("serve", "--dev", "--port", str(port), env=clean_env(), cwd=tmp_path)
+    assert_config_error(result, mentions="Address already in use")
+    assert "token" not in result.stdout
+    assert result.stdout == ""
+
+
+def test_dev_banner_names_the_real_port_when_port_0_is_asked(tmp_path: Path) -> None:
+    env = clean_env(SDS_PORT="0")
+    with spawn_server(["--dev"], env=env, cwd=tmp_path, port_option=False, wait=False) as server:
+        deadline = time.monotonic() + 20
+        while "write token" not in server.stdout and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _tokens, url = dev_output(server.stdout)
+        port = int(url.split(":")[2].split("/")[0])
+        assert port != 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            assert response.status == 200
+
+
+async def test_second_server_on_one_persist_dir_warns_and_says_why_it_answers_503(
+    tmp_path: Path,
+) -> None:
+    stores = tmp_path / "stores"
+    args = ["--persist-dir", str(stores)]
+    with spawn_server(args, cwd=tmp_path, log_dir=tmp_path / "a") as first:
+        async with StoreClient(first.ws_url, "held", first.token("held")):
+            with spawn_server(args, cwd=tmp_path, log_dir=tmp_path / "b") as second:
+                warning = [line for line in second.stderr.splitlines() if "also served" in line]
+                assert len(warning) == 1, second.stderr
+                assert "WARNING" in warning[0] and f"pid {first.pid}" in warning[0]
+                assert first.http_url in warning[0]
+                url = f"{second.http_url}/ws/held?token={second.token('held')}"
+                status, body = await asyncio.to_thread(http_get, url, 15)
+                assert status == 503
+                assert "locked by another process" in body.decode()
+                logged = [line for line in second.stderr.splitlines() if "'held'" in line]
+                assert logged and "WARNING" in logged[0], second.stderr
+                assert f"pid {first.pid}" in logged[0] and first.http_url in logged[0]
+
+
+async def test_server_on_port_0_records_its_real_url_in_the_lock_files_it_takes(
+    tmp_path: Path,
+) -> None:
+    stores = tmp_path / "stores"
+    env = clean_env(SDS_PORT="0", SDS_JWT_SECRET=TEST_SECRET)
+    with spawn_server(
+        ["--persist-dir", str(stores)], env=env, cwd=tmp_path, port_option=False, wait=False
+    ) as server:
+        deadline = time.monotonic() + 20
+        records: list[Path] = []
+        while not records and time.monotonic() < deadline:
+            records = list(stores.glob(".sds-server-*.lock")) if stores.is_dir() else []
+            time.sleep(0.05)
+        (record,) = records
+        holder = LockRecord.from_json(record.read_text())
+        assert holder is not None and holder.pid == server.pid and holder.url is not None
+        assert not holder.url.endswith(":0")
+        assert holder.persist_dir == str(stores.resolve())
+        status, _ = await asyncio.to_thread(http_get, f"{holder.url}/healthz", 5)
+        assert status == 200
+        token = server.token("notes", "read")
+        async with StoreClient(holder.url, "notes", token):
+            store_lock = LockRecord.from_json((stores / "notes.db.lock").read_text())
+            assert store_lock == holder
+        server.stop()
+    assert not list(stores.glob(".sds-server-*"))
+    assert (stores / "notes.db.lock").read_text() == ""

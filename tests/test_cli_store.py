@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,60 @@ def test_store_help_lists_examples_and_env_vars() -> None:
         assert "Examples:" in output and "SDS_PERSIST_DIR" in output
     code, output = _invoke("store", "compact", "--help")
     assert "SDS_URL" in output and "SDS_JWT_SECRET" in output
+
+
+def test_store_compact_warns_about_an_unreadable_secret_file(tmp_path: Path) -> None:
+    directory = _stores(tmp_path)
+    missing = str(tmp_path / "no-such-secret")
+    result = run_sds(
+        "store",
+        "compact",
+        "notes",
+        env=clean_env(SDS_PERSIST_DIR=str(directory), SDS_JWT_SECRET_FILE=missing),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "warning" in result.stderr and missing in result.stderr
+
+
+def test_client_commands_describe_port_as_the_servers_port() -> None:
+    for command in (("store", "compact"), ("watch",)):
+        code, output = _invoke(*command, "--help")
+        assert code == 0
+        words = " ".join(output.split())
+        port_help = words.split("--port N", 1)[1].split(" --", 1)[0]
+        assert "listen on" not in port_help and "server" in port_help
+
+
+LONG_ID = "notes-with-a-rather-long-store-identifier-0123456789"
+
+
+def _long_store(tmp_path: Path) -> Path:
+    directory = tmp_path / "a-persist-dir-whose-path-is-longer-than-the-terminal-is-wide"
+    directory.mkdir()
+    write_store(directory / "notes.db", LONG_ID, [b"a", b"b", b"a"])
+    return directory
+
+
+def test_store_list_piped_to_a_narrow_terminal_prints_every_value_in_full(
+    tmp_path: Path,
+) -> None:
+    directory = _long_store(tmp_path)
+    result = run_sds("store", "list", env=clean_env(SDS_PERSIST_DIR=str(directory), COLUMNS="60"))
+    assert result.returncode == 0, result.stderr
+    assert "…" not in result.stdout
+    assert str(directory) in result.stdout
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("notes.db")]
+    assert row.split()[:3] == ["notes.db", LONG_ID, "3"]
+
+
+def test_store_list_on_a_narrow_terminal_wraps_values_instead_of_cutting_them(
+    tmp_path: Path,
+) -> None:
+    directory = _long_store(tmp_path)
+    env = clean_env(SDS_PERSIST_DIR=str(directory), COLUMNS="60", FORCE_COLOR="1")
+    result = run_sds("store", "list", env=env)
+    assert result.returncode == 0, result.stderr
+    text = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)
+    assert "…" not in text
+    rows = [line.split("│") for line in text.splitlines() if line.startswith("│")]
+    assert "".join(cells[2].strip() for cells in rows) == LONG_ID

@@ -258,3 +258,86 @@ def test_server_refuses_an_exp_that_is_no_time(exp: float) -> None:
     with pytest.raises(TokenError) as refused:
         verify_token(signed(SECRET, claims_for("notes", exp=exp)), SECRET, store_id="notes")
     assert refused.value.status == 401
+
+
+def test_mint_dev_uses_the_secret_of_sds_serve_dev(tmp_path: Path) -> None:
+    (tmp_path / "sds-data").mkdir()
+    (tmp_path / "sds-data" / "jwt-secret").write_text(SECRET + "\n")
+    env = clean_env()
+    without = run_sds(
+        "token", "mint", "--store", "demo", "--scope", "read", "--sub", "a", env=env, cwd=tmp_path
+    )
+    assert without.returncode == 2
+    line = without.stderr.strip()
+    assert "no JWT secret" in line and "--dev" in line and "sds-data/jwt-secret" in line
+    minted = run_sds(
+        "token",
+        "mint",
+        "--dev",
+        "--store",
+        "demo",
+        "--scope",
+        "read",
+        "--sub",
+        "a",
+        env=env,
+        cwd=tmp_path,
+    )
+    assert minted.returncode == 0, minted.stderr
+    assert verify_token(minted.stdout.strip(), SECRET).aud == "demo"
+
+
+def test_mint_dev_without_a_dev_secret_file_says_so(tmp_path: Path) -> None:
+    result = run_sds(
+        "token",
+        "mint",
+        "--dev",
+        "--store",
+        "d",
+        "--scope",
+        "read",
+        "--sub",
+        "a",
+        env=clean_env(),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "sds-data/jwt-secret" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_unreadable_secret_file_is_an_error_for_mint_and_a_warning_for_inspect(
+    tmp_path: Path,
+) -> None:
+    missing = str(tmp_path / "no-such-secret")
+    env = clean_env({SECRET_FILE_ENV: missing})
+    minted = run_sds("token", "mint", "--store", "d", "--scope", "read", "--sub", "a", env=env)
+    assert minted.returncode == 2
+    assert "cannot read the JWT secret file" in minted.stderr and minted.stdout == ""
+    token = mint_token(SECRET, store_id="d", scope="read", sub="a")
+    inspected = run_sds("token", "inspect", token, env=env)
+    assert inspected.returncode == 0
+    warning = inspected.stderr.strip().splitlines()
+    assert len(warning) == 1 and "warning" in warning[0] and missing in warning[0]
+
+
+def test_an_unreadable_jwt_secret_file_option_is_a_warning_for_inspect(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-such-secret")
+    token = mint_token(SECRET, store_id="d", scope="read", sub="a")
+    result = run_sds("token", "inspect", "--jwt-secret-file", missing, token, env=clean_env())
+    assert result.returncode == 0
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("sds: warning:") and missing in line
+    minted = run_sds(
+        "token",
+        "mint",
+        "--jwt-secret-file",
+        missing,
+        "--store",
+        "d",
+        "--scope",
+        "read",
+        "--sub",
+        "a",
+        env=clean_env(),
+    )
+    assert minted.returncode == 2 and minted.stdout == ""

@@ -105,3 +105,61 @@ async def test_watch_without_a_server_or_token_fails_cleanly() -> None:
     missing = await run_sds_async("watch", "w")
     assert missing.returncode == 2
     one_error_line(missing)
+
+
+async def test_watch_shows_the_servers_reason_for_a_refusal(server: RunningServer) -> None:
+    result = await run_sds_async("watch", "w", "--token", "not-a-jwt", "--url", server.http_url)
+    assert result.returncode == 1
+    line = one_error_line(result)
+    assert "HTTP 401: " in line
+    reason = line.split("HTTP 401: ", 1)[1]
+    assert reason and reason != "None"
+
+
+async def test_watch_until_idle_ends_with_exit_0_on_a_quiet_store(
+    persistent_server: RunningServer,
+) -> None:
+    server = persistent_server
+    writer = await server.connect("quiet", sub="writer")
+    peer = await server.connect("quiet", "read")
+    await writer.send(b"\x01one")
+    await peer.receive(timeout=5)
+    result = await asyncio.wait_for(
+        run_sds_async(
+            "watch",
+            "quiet",
+            "--token",
+            server.token("quiet", "read"),
+            "--url",
+            server.http_url,
+            "--count",
+            "5",
+            "--until-idle",
+            "0.5",
+            "--json",
+        ),
+        SUBPROCESS_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["type"] for line in result.stdout.splitlines()] == ["PATCH"]
+
+
+async def test_watch_warns_when_the_persist_dir_has_no_file_for_the_id(
+    persistent_server: RunningServer,
+) -> None:
+    server = persistent_server
+    await server.connect("notes", sub="writer")
+    directory = server.config.persist_dir
+    assert directory is not None
+    env = clean_env(SDS_PERSIST_DIR=str(directory))
+    args = ["--url", server.http_url, "--until-idle", "0.2"]
+    typo = await run_sds_async(
+        "watch", "ntoes", "--token", server.token("ntoes", "read"), *args, env=env
+    )
+    assert typo.returncode == 0, typo.stderr
+    assert "no file for store 'ntoes'" in typo.stderr
+    known = await run_sds_async(
+        "watch", "notes", "--token", server.token("notes", "read"), *args, env=env
+    )
+    assert known.returncode == 0, known.stderr
+    assert "no file for store" not in known.stderr

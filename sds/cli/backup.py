@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from sds.cli.options import config_from, fail, setting_options, stdout_console
+from sds.cli.options import config_from, fail, print_table, setting_options
 from sds.cli.store import human_bytes, json_option, persist_dir_of
 
 BACKUP_DIR_ENV = "SDS_BACKUP_DIR"
@@ -137,13 +137,9 @@ def restore(archive: Path, force: bool, as_json: bool, **options: Any) -> None:
 
 
 def _print_manifest(manifest: Any, title: str) -> None:
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    for name in ("file", "store ids", "patches", "snapshots", "blobs", "bytes", "sha256"):
-        table.add_column(name)
-    for entry in manifest.files:
-        table.add_row(
+    columns = ["file", "store ids", "patches", "snapshots", "blobs", "bytes", "sha256"]
+    rows = [
+        [
             entry.name,
             ", ".join(entry.store_ids),
             str(entry.rows.get("patches", 0)),
@@ -151,8 +147,10 @@ def _print_manifest(manifest: Any, title: str) -> None:
             str(entry.rows.get("blobs", 0)),
             human_bytes(entry.bytes),
             entry.sha256[:16],
-        )
-    stdout_console().print(table)
+        ]
+        for entry in manifest.files
+    ]
+    print_table(columns, rows, title=title)
 
 
 @contextmanager

@@ -9,19 +9,24 @@ from typing import Any
 
 import click
 
-from sds.cli.options import SERVER_SETTINGS, ConfigFailure, config_from, setting_options
+from sds.cli.options import (
+    DEV_DATA_DIR,
+    DEV_SECRET_FILE,
+    SERVER_SETTINGS,
+    ConfigFailure,
+    config_from,
+    setting_options,
+)
 from sds.config import Config, ConfigError, check_persist_dir, read_secret_file
 from sds.tokens import mint_token
 
-DEV_DATA_DIR = Path("sds-data")
-DEV_SECRET_FILE = "jwt-secret"
 DEV_STORE = "demo"
 DEV_TOKEN_SECONDS = 7 * 86400
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 @click.command()
-@setting_options(*SERVER_SETTINGS)
+@setting_options(*SERVER_SETTINGS, dev=False)
 @click.option(
     "--dev",
     is_flag=True,
@@ -48,11 +53,12 @@ def serve(dev: bool, **options: Any) -> None:
     from sds.logs import setup_logging
 
     setup_logging(config.log_format, config.log_level)
-    if dev:
-        _print_dev_banner(config)
     _use_uvloop()
+    # The banner (with its tokens) is printed once the port is bound: a busy port
+    # gives one line and exit 2, not tokens for a server that never ran.
+    on_bound = (lambda url: _print_dev_banner(config, url)) if dev else None
     try:
-        run(config)
+        run(config, on_bound=on_bound)
     except OSError as exc:
         # Binding fails before anything is served (port taken, unknown host): a
         # configuration problem for the operator, not a crash with a traceback.
@@ -75,7 +81,7 @@ def _dev_config(options: dict[str, Any]) -> Config:
     explicit = options.get("jwt_secret_file") or os.environ.get("SDS_JWT_SECRET_FILE")
     secret = None
     if not explicit and not os.environ.get("SDS_JWT_SECRET"):
-        secret = _dev_secret(DEV_DATA_DIR / DEV_SECRET_FILE)
+        secret = _dev_secret(DEV_SECRET_FILE)
     return config_from(options, secret=secret)
 
 
@@ -97,7 +103,7 @@ def _dev_secret(path: Path) -> str:
     return value
 
 
-def _print_dev_banner(config: Config) -> None:
+def _print_dev_banner(config: Config, url: str) -> None:
     admin, write = (
         mint_token(
             config.jwt_secret,
@@ -109,14 +115,13 @@ def _print_dev_banner(config: Config) -> None:
         )
         for scope in ("admin", "write")
     )
-    host = "127.0.0.1" if config.host in ("localhost", "127.0.0.1") else f"[{config.host}]"
-    base = f"ws://{host}:{config.port}"
+    base = "ws://" + url.removeprefix("http://")
     click.echo(
         "\n".join(
             [
-                f"sds dev server on http://{host}:{config.port} (loopback only)",
+                f"sds dev server on {url} (loopback only)",
                 f"  store files:  {config.persist_dir}/  (persistence on)",
-                f"  secret file:  {DEV_DATA_DIR / DEV_SECRET_FILE}  (reused on restart)",
+                f"  secret file:  {DEV_SECRET_FILE}  (reused on restart)",
                 f"  demo store:   {DEV_STORE}",
                 f"  admin token:  {admin}",
                 f"  write token:  {write}",

@@ -13,8 +13,8 @@ from sds.cli.options import (
     ConfigFailure,
     config_from,
     fail,
+    print_table,
     setting_options,
-    stdout_console,
 )
 from sds.config import Config
 
@@ -136,10 +136,9 @@ def store_inspect(target: str, as_json: bool, **options: Any) -> None:
 
 
 def _print_reports(reports: list[dict[str, Any]], title: str) -> None:
-    from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, title_justify="left")
-    for name, justify in (
+    columns = [
         ("file", "left"),
         ("store id", "left"),
         ("patches", "right"),
@@ -150,15 +149,16 @@ def _print_reports(reports: list[dict[str, Any]], title: str) -> None:
         ("file bytes", "right"),
         ("last write", "left"),
         ("integrity", "left"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    ]
+    rows: list[list[str | Text]] = []
     for report in reports:
         if "error" in report:
-            table.add_row(report["file"], "", "", "", "", "", "", "", "", f"[red]{report['error']}")
+            error = Text(report["error"], style="red")
+            rows.append([report["file"], "", "", "", "", "", "", "", "", error])
             continue
         check = report["integrity"]
-        check_cell = "[green]ok" if check == "ok" else f"[red]{check}"
-        file_cells = [
+        check_cell = Text(check, style="green" if check == "ok" else "red")
+        file_cells: list[str | Text] = [
             f"{report['blobs']} ({human_bytes(report['blob_bytes'])})",
             human_bytes(report["bytes"]),
             report["last_write"] or "-",
@@ -187,12 +187,14 @@ def _print_reports(reports: list[dict[str, Any]], title: str) -> None:
                     snapshot,
                 ]
             first = index == 0
-            table.add_row(
-                report["file"] if first else "",
-                *store_cells,
-                *(file_cells if first else ["", "", "", ""]),
+            rows.append(
+                [
+                    report["file"] if first else "",
+                    *store_cells,
+                    *(file_cells if first else ["", "", "", ""]),
+                ]
             )
-    stdout_console().print(table)
+    print_table(columns, rows, title=title)
 
 
 @store.command("compact")
@@ -209,16 +211,27 @@ def _print_reports(reports: list[dict[str, Any]], title: str) -> None:
     "--url",
     metavar="URL",
     default=None,
-    help=f"The running server, asked to compact the stores it holds. "
-    f"[env var: {URL_ENV}; default http://127.0.0.1:<SDS_PORT or 3000>]",
+    help="The server you expect to hold the store: checked against the URL the holder "
+    "recorded in the store's lock file; a mismatch is refused. (SDS_URL and SDS_PORT are "
+    "not used: the lock record names the server.)",
 )
 @json_option
-@setting_options("persist_dir", "value_mode", "port", "issuer")
+@click.option(
+    "--port",
+    "server_port",
+    type=click.IntRange(1, 65535),
+    metavar="N",
+    default=None,
+    help="The server's TCP port you expect to hold the store: checked against the lock "
+    "record like --url.",
+)
+@setting_options("persist_dir", "value_mode", "issuer")
 def store_compact(
     store_id: str | None,
     all_stores: bool,
     wait: float,
     url: str | None,
+    server_port: int | None,
     as_json: bool,
     **options: Any,
 ) -> None:
@@ -230,16 +243,21 @@ def store_compact(
     WAL is checkpointed and the file vacuumed. What a joining client replays stays
     the same: every distinct patch, in the order first written.
 
-    One writer per file: if the server is not using the file, the command takes the
-    file lock and compacts it itself; if the server holds it, the command asks the
-    server (POST /api/stores/ID/compact with an admin token it signs with the
-    configured secret). If neither works within --wait seconds: exit 1.
+    One writer per file: if no process holds the file's lock, the command takes it
+    and compacts the file itself. If a server holds it, the command asks that server
+    and no other: the one whose URL, persist dir and instance id the holder recorded
+    in the lock file (<file>.db.lock) when it took the lock (POST
+    /api/stores/ID/compact with an admin token signed with the configured secret);
+    the server's answer must name the same persist dir and instance. A --url or
+    --port that disagrees with the record, a holder of another persist dir, or an
+    answer from another server: refused, exit 1. If neither the lock nor the server
+    is available within --wait seconds: exit 1.
 
     \b
     Examples:
       sds store compact notes --persist-dir /var/lib/sds
       sds store compact --all --json
-      SDS_URL=http://127.0.0.1:8080 sds store compact notes --value-mode snapshot
+      sds store compact notes --url http://127.0.0.1:8080 --value-mode snapshot
     """
     if bool(store_id) == all_stores:
         raise click.UsageError("give a store ID or --all (not both)")
@@ -258,7 +276,6 @@ def store_compact(
         fail(str(exc))
         return
     admin_token = _admin_token_factory(config)
-    server = url or default_url(config)
     results = []
     for path, one in targets:
         try:
@@ -266,9 +283,11 @@ def store_compact(
                 path,
                 store_id=one,
                 value_mode=config.value_mode,
-                server_url=server,
+                persist_dir=directory,
                 admin_token=admin_token,
                 wait=wait,
+                server_url=url,
+                server_port=server_port,
             )
         except MaintenanceError as exc:
             fail(str(exc))
@@ -300,21 +319,19 @@ def _admin_token_factory(config: Config) -> Any:
 
 
 def _print_compaction(results: list[dict[str, Any]]) -> None:
-    from rich.table import Table
-
-    table = Table()
-    for name in ("file", "stores", "duplicates removed", "superseded removed", "bytes", "via"):
-        table.add_column(name)
-    for result in results:
-        table.add_row(
+    if not results:
+        click.echo("no store files to compact")
+        return
+    columns = ["file", "stores", "duplicates removed", "superseded removed", "bytes", "via"]
+    rows = [
+        [
             result["file"],
             ", ".join(result["store_ids"]) or "(none)",
             str(result["duplicates_removed"]),
             str(result["superseded_removed"]),
             f"{human_bytes(result['bytes_before'])} -> {human_bytes(result['bytes_after'])}",
             result["via"],
-        )
-    if not results:
-        stdout_console().print("no store files to compact")
-        return
-    stdout_console().print(table)
+        ]
+        for result in results
+    ]
+    print_table(columns, rows)

@@ -15,8 +15,8 @@ from sds.cli.options import (
     TOKEN_SETTINGS,
     ConfigFailure,
     config_from,
+    print_table,
     setting_options,
-    stdout_console,
 )
 from sds.protocol import SCOPES
 from sds.tokens import (
@@ -171,21 +171,19 @@ def _report_invalid(as_json: bool, message: str) -> None:
 
 
 def _print_report(report: dict[str, Any]) -> None:
-    from rich.table import Table
+    from rich.text import Text
 
-    table = Table(show_header=False, box=None)
-    table.add_column(style="bold")
-    table.add_column()
-    for name, value in sorted(report["claims"].items()):
-        table.add_row(name, str(value))
-    table.add_row("alg", str(report["header"].get("alg")))
+    rows: list[list[str | Text]] = [
+        [name, str(value)] for name, value in sorted(report["claims"].items())
+    ]
+    rows.append(["alg", str(report["header"].get("alg"))])
     if report["expires"]:
-        table.add_row("expires", report["expires"])
+        rows.append(["expires", report["expires"]])
     if report["problem"]:
-        status = f"[red]INVALID[/red]: {report['problem']}"
+        status = Text.assemble(("INVALID", "red"), f": {report['problem']}")
     elif report["verified"]:
-        status = "[green]valid[/green] (signature verified)"
+        status = Text.assemble(("valid", "green"), " (signature verified)")
     else:
-        status = "[yellow]not verified[/yellow] (no secret configured)"
-    table.add_row("status", status)
-    stdout_console().print(table)
+        status = Text.assemble(("not verified", "yellow"), " (no secret configured)")
+    rows.append(["status", status])
+    print_table(["claim", "value"], rows, header=False)

@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import os
 from typing import Any
 
 import click
 
-from sds.cli.options import fail, setting_options, stderr_console, stdout_console
-from sds.cli.store import URL_ENV, json_option
+from sds.cli.options import (
+    SERVER_PORT_HELP,
+    fail,
+    setting_options,
+    stderr_console,
+    stdout_console,
+)
+from sds.cli.store import URL_ENV, default_url, json_option
 from sds.protocol import FrameType, frame_name
 
 TOKEN_ENV = "SDS_TOKEN"
@@ -42,19 +47,42 @@ def watch_url(url: str) -> str:
     return url
 
 
+class Refused(Exception):
+    """The server refused the handshake: its status and the reason from its JSON body."""
+
+    def __init__(self, status: int, reason: str | None) -> None:
+        super().__init__(f"HTTP {status}: {reason}" if reason else f"HTTP {status}")
+
+
 async def watch(
-    base_url: str, store_id: str, token: str, *, count: int | None, as_json: bool
+    base_url: str,
+    store_id: str,
+    token: str,
+    *,
+    count: int | None,
+    as_json: bool,
+    until_idle: float | None = None,
 ) -> int | None:
-    """Print frames until ``count`` have arrived (None: the close code when the server closes)."""
+    """Print frames until ``count`` have arrived or ``until_idle`` seconds passed without
+    one (None), or the server closes (its close code); Refused when it refuses."""
+    import aiohttp
+
     from sds.client import ClientClosed, StoreClient
 
     terminal = stdout_console()
-    async with StoreClient(base_url, store_id, token) as client:
+    client = StoreClient(base_url, store_id, token)
+    try:
+        await client.connect()
+    except aiohttp.WSServerHandshakeError as exc:
+        raise Refused(exc.status, client.refusal) from None
+    try:
         stderr_console().print(f"watching store {store_id!r} on {base_url} (Ctrl-C to stop)")
         seen = 0
         while count is None or seen < count:
             try:
-                frame = await client.receive(timeout=None)
+                frame = await client.receive(timeout=until_idle)
+            except TimeoutError:
+                return None
             except ClientClosed as closed:
                 return closed.code if closed.code is not None else -1
             seen += 1
@@ -63,6 +91,8 @@ async def watch(
                 click.echo(json.dumps(info))
             else:
                 _print_frame(terminal, info)
+    finally:
+        await client.close()
     return None
 
 
@@ -96,29 +126,72 @@ def _print_frame(console: Any, info: dict[str, Any]) -> None:
     "ws://127.0.0.1:<SDS_PORT or 3000>]",
 )
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after N frames.")
+@click.option(
+    "--until-idle",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Stop (exit 0) once SECONDS pass without a frame.",
+)
 @json_option
-@setting_options("port", secret=False)
+@setting_options(
+    "port",
+    "persist_dir",
+    secret=False,
+    helps={
+        "port": SERVER_PORT_HELP,
+        "persist_dir": "The server's persist dir, if on this machine: warn when it has no "
+        "file for ID (connecting creates the store, so a typo makes a new one).",
+    },
+)
 def watch_command(
-    store_id: str, token: str, url: str | None, count: int | None, as_json: bool, **options: Any
+    store_id: str,
+    token: str,
+    url: str | None,
+    count: int | None,
+    until_idle: float | None,
+    as_json: bool,
+    **options: Any,
 ) -> None:
     """Print the frames of a store live: time, type, size (presence state shown).
 
     Connects as an ordinary client, so it first receives the stored history, then
-    live traffic. It sends nothing. Exit 1 when the server refuses or closes the
-    connection; Ctrl-C ends it with exit 0.
+    live traffic. It sends nothing. Exit 1 when the server refuses (its reason is
+    shown) or closes the connection; --count N, --until-idle SECONDS and Ctrl-C end
+    it with exit 0.
+
+    The server creates a store's file when a client first connects to it, so a
+    mistyped ID makes a new, empty store: with the persist dir configured (on the
+    server's machine) the command warns when that dir has no file for ID.
 
     \b
     Examples:
       sds watch notes --token "$(sds token mint --store notes --scope read --sub watcher)"
       SDS_TOKEN=... sds watch notes --url https://sds.example.com --json | jq .type
+      sds watch notes --until-idle 2 --json > frames.jsonl
     """
     from sds.cli.options import config_from
+    from sds.storage import store_filename
 
     config = config_from(options, require_secret=False)
-    base = watch_url(url or os.environ.get(URL_ENV) or f"http://127.0.0.1:{config.port}")
+    if (
+        config.persist_dir is not None
+        and not (config.persist_dir / store_filename(store_id)).exists()
+    ):
+        click.echo(
+            f"sds: warning: {config.persist_dir} has no file for store {store_id!r} (a typo?); "
+            "connecting creates it",
+            err=True,
+        )
+    base = watch_url(url or default_url(config))
     try:
-        code = asyncio.run(watch(base, store_id, token, count=count, as_json=as_json))
+        code = asyncio.run(
+            watch(base, store_id, token, count=count, as_json=as_json, until_idle=until_idle)
+        )
     except KeyboardInterrupt:
+        return
+    except Refused as exc:
+        fail(f"the server refused the connection: {exc}")
         return
     except Exception as exc:
         fail(_connect_problem(base, exc))
@@ -130,8 +203,6 @@ def watch_command(
 def _connect_problem(base: str, exc: Exception) -> str:
     import aiohttp
 
-    if isinstance(exc, aiohttp.WSServerHandshakeError):
-        return f"the server refused the connection: HTTP {exc.status}"
     if isinstance(exc, aiohttp.ClientError | OSError):
         return f"cannot connect to {base}: {exc}".splitlines()[0]
     return f"watch failed: {type(exc).__name__}: {exc}".splitlines()[0]
