@@ -463,15 +463,16 @@ class StoreFile:
     async def open_blob(self, store_id: str, key: str) -> AsyncIterator[BlobReader | None]:
         """Where a store's value for ``key`` is (None when it has none), for reading in pieces.
 
-        Nothing is read yet and no lock is held between pieces: commits go on, and
-        a commit that writes the same key (or maintenance) makes the reader stale.
+        Nothing is read yet and no lock is held between pieces: commits go on. A
+        commit that writes the same key makes the reader stale (BlobChanged on the
+        next piece); maintenance (VACUUM may move rows) makes it look the row up again.
         """
-        async with self._reading() as db, db.execute(_FIND_BLOB, (store_id, key)) as cur:
-            row = await cur.fetchone()
-        if row is None:
+        async with self._reading() as db:
+            found = await _find_blob(db, store_id, key)
+        if found is None:
             yield None
             return
-        reader = BlobReader(key, str(row[0]), int(row[1]), int(row[2]))
+        reader = BlobReader(store_id, key, *found)
         self._blob_readers.add(reader)
         try:
             yield reader
@@ -486,6 +487,12 @@ class StoreFile:
         async with self._reading() as db:
             if reader.stale:
                 raise BlobChanged(f"value {reader.key[:12]} changed while it was read")
+            if reader.moved:
+                found = await _find_blob(db, reader.store_id, reader.key)
+                if found is None or found[2] != reader.size:
+                    raise BlobChanged(f"value {reader.key[:12]} changed while it was read")
+                reader.table, reader.rowid, _ = found
+                reader.moved = False
             # aiosqlite has no blob API: run sqlite3's incremental blob I/O on its thread.
             piece: bytes = await db._execute(
                 _read_blob_piece, db._conn, reader.table, reader.rowid, offset, size
@@ -522,7 +529,7 @@ class StoreFile:
         """Let maintenance own the file: pending commits finish, new ones wait until the end."""
         async with self._io:
             for reader in self._blob_readers:  # VACUUM may move rows
-                reader.stale = True
+                reader.moved = True
             yield self.path
 
 
@@ -533,14 +540,25 @@ class BlobChanged(StorageError):
 class BlobReader:
     """Where one stored value is, for reading it in pieces (see ``StoreFile.open_blob``)."""
 
-    __slots__ = ("key", "rowid", "size", "stale", "table")
+    __slots__ = ("key", "moved", "rowid", "size", "stale", "store_id", "table")
 
-    def __init__(self, key: str, table: str, rowid: int, size: int) -> None:
+    def __init__(self, store_id: str, key: str, table: str, rowid: int, size: int) -> None:
+        self.store_id = store_id
         self.key = key
         self.table = table
         self.rowid = rowid
         self.size = size
         self.stale = False
+        """The value was overwritten: the rest of it is another value's."""
+        self.moved = False
+        """Maintenance ran: the row may have another rowid now."""
+
+
+async def _find_blob(db: Any, store_id: str, key: str) -> tuple[str, int, int] | None:
+    """(table, rowid, size) of a store's value for ``key``, or None."""
+    async with db.execute(_FIND_BLOB, (store_id, key)) as cursor:
+        row = await cursor.fetchone()
+    return None if row is None else (str(row[0]), int(row[1]), int(row[2]))
 
 
 def _read_blob_piece(

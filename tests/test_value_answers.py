@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
+
+import aiohttp
 
 from sds.appkeys import METRICS
 from sds.protocol import CHUNK_BYTES, value_chunk_frames
@@ -142,3 +145,81 @@ async def test_requests_beyond_the_queue_bound_are_counted_not_answered(
     finally:
         raw.close()
     await wait_for(lambda: metrics.value_requests_queued == 0)
+
+
+async def test_answer_survives_a_compaction_through_the_server(make_server: ServerFactory) -> None:
+    server = await make_server(persist=True, max_client_buffer_bytes=2 * MiB)
+    value = big_value(20 * MiB + 7)
+    await store_value(server, "compacted", key(4), value)
+    token = server.token("compacted", scope="read", sub="slow")
+    raw = await asyncio.to_thread(
+        RawWebSocket.connect, server.server.port or 0, f"/ws/compacted?token={token}"
+    )
+    try:
+        await asyncio.to_thread(raw.send_binary, b"\x03" + key(4))
+        await wait_for(lambda: server.app[METRICS].value_answers_active == 1)
+        admin = server.token("compacted", scope="admin", sub="ops")
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(
+                f"{server.http_url}/api/stores/compacted/compact",
+                headers={"Authorization": f"Bearer {admin}"},
+            )
+            assert response.status == 200
+        frames = await asyncio.to_thread(read_binary_frames, raw, 21)
+        assert b"".join(frame[41:] for frame in frames) == value
+    finally:
+        raw.close()
+
+
+async def test_value_overwritten_during_its_answer_is_not_mixed(make_server: ServerFactory) -> None:
+    server = await make_server(persist=True, max_client_buffer_bytes=2 * MiB)
+    metrics = server.app[METRICS]
+    await store_value(server, "overwritten", key(5), big_value(20 * MiB))
+    token = server.token("overwritten", scope="read", sub="slow")
+    raw = await asyncio.to_thread(
+        RawWebSocket.connect, server.server.port or 0, f"/ws/overwritten?token={token}"
+    )
+    try:
+        await asyncio.to_thread(raw.send_binary, b"\x03" + key(5))
+        await wait_for(lambda: metrics.value_answers_active == 1)
+        async with server.client("overwritten", sub="writer") as writer:
+            await writer.send(b"\x02" + key(5) + b"new value")
+            # The requester is a peer of the store: the new value reaches it by relay.
+            code, count = await asyncio.to_thread(raw.read_until_close, 4.0)
+        assert code is None
+        assert count < 21  # the old value's answer stopped part-way
+        assert metrics.value_requests_unanswered["changed"] == 1
+        await wait_for(lambda: metrics.value_answers_active == 0)
+    finally:
+        raw.close()
+
+
+def read_binary_frames(raw: RawWebSocket, count: int, timeout: float = 20.0) -> list[bytes]:
+    """Read ``count`` binary frames from a raw client (bounded by ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    frames: list[bytes] = []
+    buffer = b""
+    raw.sock.settimeout(1.0)
+    while len(frames) < count and time.monotonic() < deadline:
+        while len(buffer) >= 2:
+            length = buffer[1] & 0x7F
+            offset = 2
+            if length == 126:
+                length, offset = struct.unpack_from("!H", buffer, 2)[0], 4
+            elif length == 127:
+                length, offset = struct.unpack_from("!Q", buffer, 2)[0], 10
+            if len(buffer) < offset + length:
+                break
+            if buffer[0] & 0x0F == 0x2:
+                frames.append(buffer[offset : offset + length])
+            buffer = buffer[offset + length :]
+        if len(frames) >= count:
+            break
+        try:
+            data = raw.sock.recv(1 << 20)
+        except TimeoutError:
+            continue
+        if not data:
+            break
+        buffer += data
+    return frames
