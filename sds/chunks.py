@@ -43,8 +43,8 @@ class ChunkBudget:
 class ChunkRefused(Exception):
     """A VALUE_CHUNK sequence cannot be stored for lack of memory: its sender must learn it.
 
-    ``reason`` is ``client_limit`` (the value cannot fit the per-connection limit),
-    ``store_limit`` (the store's connections hold their limit) or ``total_limit``.
+    ``reason`` is ``client_limit`` (the connection holds its limit), ``store_limit``
+    (the store's connections hold theirs) or ``total_limit`` (all connections).
     """
 
     def __init__(self, key: str, reason: str) -> None:
@@ -88,15 +88,17 @@ class ChunkAssembler:
 
         A chunk with another count than the earlier chunks of its key discards
         them and starts a new sequence. A count whose value cannot fit the
-        per-connection limit, or no memory left (for this connection, its store
-        or all connections), discards the sequence and raises ChunkRefused:
-        nothing of it is stored, and the caller tells the sender.
+        per-connection limit is a malformed header: the sequence is discarded.
+        No memory left (for this connection, its store or all connections)
+        discards the sequence and raises ChunkRefused: nothing of it is stored,
+        and the caller tells the sender.
         """
         now = time.monotonic() if now is None else now
         self.expire(now)
         if header.count * CHUNK_BYTES > self.limit and header.count > 1:
-            self._discard(header.key, "client_limit")
-            raise ChunkRefused(header.key, "client_limit")
+            # A header check: the value can never fit, the sequence is malformed.
+            self._discard(header.key, "count_too_large")
+            return None
         sequence = self._sequences.get(header.key)
         if sequence is not None and sequence.count != header.count:
             # Another count for the key: the old sequence is broken; this chunk may start anew.

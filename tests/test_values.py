@@ -124,21 +124,46 @@ async def test_incomplete_sequence_is_dropped_when_sender_leaves(
     assert blobs(persistent_server, "partial") == {}
 
 
-async def test_chunk_memory_per_connection_is_bounded_and_the_sender_learns_it(
+async def test_chunk_count_past_the_connection_limit_is_relayed_but_never_stored(
     make_server: ServerFactory,
 ) -> None:
     server = await make_server(persist=True, max_chunk_bytes_per_client=1500)
     writer = await server.connect("bounded")
     peer = await server.connect("bounded")
-    frames = [chunk(key(7), 0, 1, b"a" * 1000), chunk(key(7), 0, 2, b"b" * 1000)]
+    frames = [chunk(key(7), 0, 2, b"a" * 1000), chunk(key(7), 1, 2, b"b" * 1000)]
     for frame in frames:
         await writer.send(frame)
-    # Relayed as they came; the second cannot fit (2 x 1 MiB > 1500): not stored, sender closed.
+    assert [await peer.receive() for _ in frames] == frames
+    await asyncio.sleep(0.2)
+    assert blobs(server, "bounded") == {}
+    assert server.app[STATE].chunk_budget.used == 0
+    assert server.app[METRICS].values_not_stored["count_too_large"] == 2
+    assert writer.close_code is None
+
+
+async def test_chunk_memory_per_connection_is_bounded_and_the_sender_learns_it(
+    make_server: ServerFactory,
+) -> None:
+    server = await make_server(persist=True, max_chunk_bytes_per_client=2 * CHUNK_BYTES)
+    writer = await server.connect("full")
+    peer = await server.connect("full")
+    frames = [
+        chunk(key(7), 0, 1, b"done"),
+        chunk(key(8), 0, 2, b"a" * CHUNK_BYTES),
+        chunk(key(9), 0, 2, b"b" * CHUNK_BYTES),
+        chunk(key(10), 0, 2, b"c"),
+    ]
+    for frame in frames:
+        await writer.send(frame)
+    # Relayed as they came; the last one finds the connection's memory full: not stored,
+    # and the sender is closed with 1013 so it knows.
     assert [await peer.receive() for _ in frames] == frames
     assert await writer.wait_closed() == 1013
-    assert blobs(server, "bounded") == {key(7).hex(): b"a" * 1000}
-    assert server.app[STATE].chunk_budget.used == 0
+    assert blobs(server, "full") == {key(7).hex(): b"done"}
     assert server.app[METRICS].values_not_stored["client_limit"] == 1
+    async with asyncio.timeout(5):
+        while server.app[STATE].chunk_budget.used:
+            await asyncio.sleep(0.02)
 
 
 async def test_one_store_cannot_take_the_chunk_memory_of_the_others(
