@@ -104,17 +104,21 @@ class ValueAnswers:
                 if reader is None:
                     return
                 if reader.size <= CHUNK_BYTES:
-                    piece = await self.store_log.read_blob_piece(reader, 0, reader.size)
-                    await self._send(bytes([VALUE]) + bytes.fromhex(key) + piece)
+                    header = bytes([VALUE]) + bytes.fromhex(key)
+                    if await self._room(len(header) + reader.size):
+                        piece = await self.store_log.read_blob_piece(reader, 0, reader.size)
+                        self._write(header + piece)
                     return
-                header = bytes([VALUE_CHUNK]) + bytes.fromhex(key)
+                prefix = bytes([VALUE_CHUNK]) + bytes.fromhex(key)
                 count = -(-reader.size // CHUNK_BYTES)
                 for index in range(count):
-                    piece = await self.store_log.read_blob_piece(
-                        reader, index * CHUNK_BYTES, CHUNK_BYTES
-                    )
-                    if not await self._send(header + _CHUNK_NUMBERS.pack(index, count) + piece):
+                    offset = index * CHUNK_BYTES
+                    size = min(CHUNK_BYTES, reader.size - offset)
+                    # Wait for the socket first: a stalled requester holds no piece in memory.
+                    if not await self._room(len(prefix) + 8 + size):
                         return
+                    piece = await self.store_log.read_blob_piece(reader, offset, size)
+                    self._write(prefix + _CHUNK_NUMBERS.pack(index, count) + piece)
         except BlobChanged:
             self.metrics.value_requests_unanswered["changed"] += 1
             log.info(
@@ -128,15 +132,18 @@ class ValueAnswers:
                 "store %s: reading value %s failed: %s", self.client.store_id, key[:12], exc
             )
 
-    async def _send(self, payload: bytes) -> bool:
-        """Write one answer frame once the socket has room for it; False when the client is gone."""
+    async def _room(self, size: int) -> bool:
+        """Wait until the requester's socket has room for a frame of ``size`` bytes.
+
+        False when the client is gone, or was closed for taking nothing for too long.
+        """
         client = self.client
         transport = client.transport
         if client.closing or transport is None or transport.is_closing():
             return False
         # Room for this frame on top of what the socket still holds, with slack for
         # the frames relayed meanwhile: the client's bound is never passed by an answer.
-        low = max(0, min(client.limit // 4, client.limit - len(payload) - 16))
+        low = max(0, min(client.limit // 4, client.limit - size - 16))
         delay = _POLL_FIRST
         deadline = time.monotonic() + HISTORY_STALL_SECONDS
         while transport.get_write_buffer_size() > low:
@@ -147,8 +154,11 @@ class ValueAnswers:
             delay = min(delay * 2, _POLL_MAX)
             if client.closing or transport.is_closing():
                 return False
+        return True
+
+    def _write(self, payload: bytes) -> None:
+        client = self.client
         client.flush()  # relayed frames queued this turn go first
         client.send(payload)
         client.flush()
         self.metrics.value_answer_bytes += len(payload)
-        return not client.closing
