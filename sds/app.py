@@ -82,7 +82,9 @@ def create_app(config: Config) -> web.Application:
     app[STATE] = ServerState(
         metrics=metrics,
         auth_failures=AuthFailures(metrics),
-        chunk_budget=ChunkBudget(config.max_chunk_bytes_total),
+        chunk_budget=ChunkBudget(
+            config.max_chunk_bytes_total, per_store=config.max_chunk_bytes_per_store
+        ),
     )
     app[SIGNALLING] = Signalling(max_peers_per_room=config.max_connections_per_store)
     app.cleanup_ctx.append(_storage_and_relay)
@@ -143,7 +145,13 @@ async def _housekeeping(app: web.Application) -> None:
         flush_log_summaries()
         for client in list(state.clients):
             if client.chunks is not None:
-                client.chunks.expire()
+                for key in client.chunks.expire():
+                    log.info(
+                        "store %s: incomplete value %s from sub %s timed out, not stored",
+                        client.store_id,
+                        key[:12],
+                        client.sub,
+                    )
 
 
 async def _close_clients(app: web.Application) -> None:

@@ -33,6 +33,7 @@ from sds.maintenance import (
     MaintenanceError,
     connect_readonly,
     integrity,
+    own_blob_tables,
     store_files,
     store_ids,
 )
@@ -131,9 +132,10 @@ def describe(conn: sqlite3.Connection) -> tuple[list[str], dict[str, int], str]:
 
 
 def row_counts(conn: sqlite3.Connection) -> dict[str, int]:
-    """Rows per table of the three store tables."""
+    """Rows per table: the three Node tables, and the value-ownership tables where present."""
     return {
-        table: int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]) for table in TABLES
+        table: int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+        for table in (*TABLES, *own_blob_tables(conn))
     }
 
 

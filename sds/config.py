@@ -46,6 +46,7 @@ class Config:
     max_client_buffer_bytes: int = 16 * MiB
     max_chunk_bytes_per_client: int = 64 * MiB
     max_chunk_bytes_total: int = 256 * MiB
+    max_chunk_bytes_per_store: int = 128 * MiB
     chunk_timeout: float = 60.0
     max_open_stores: int = 256
     store_close_grace: float = 5.0
@@ -99,6 +100,7 @@ _POSITIVE = (
     "max_client_buffer_bytes",
     "max_chunk_bytes_per_client",
     "max_chunk_bytes_total",
+    "max_chunk_bytes_per_store",
     "chunk_timeout",
     "max_open_stores",
     "max_request_bytes",
@@ -243,14 +245,23 @@ SETTINGS: tuple[Setting, ...] = (
         ("SDS_MAX_CHUNK_BYTES_PER_CLIENT",),
         _parse_int,
         "Bytes for reassembling one client's VALUE_CHUNK sequences; a sequence that "
-        "does not fit is still relayed but not stored.",
+        "does not fit is relayed, not stored, and its sender is closed with 1013.",
     ),
     Setting(
         "max_chunk_bytes_total",
         ("SDS_MAX_CHUNK_BYTES_TOTAL",),
         _parse_int,
         "Bytes for reassembling VALUE_CHUNK sequences, all clients together; a "
-        "sequence that does not fit is still relayed but not stored.",
+        "sequence that does not fit is relayed, not stored, and its sender is closed "
+        "with 1013.",
+    ),
+    Setting(
+        "max_chunk_bytes_per_store",
+        ("SDS_MAX_CHUNK_BYTES_PER_STORE",),
+        _parse_int,
+        "Bytes for reassembling VALUE_CHUNK sequences, all clients of one store "
+        "together; a sequence that does not fit is relayed, not stored, and its "
+        "sender is closed with 1013.",
     ),
     Setting(
         "chunk_timeout",

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sds.storage import (
+    OWN_BLOB_TABLES,
     SQLITE_VERSION,
     LockRecord,
     StoreLocked,
@@ -36,6 +37,7 @@ from sds.storage import (
 )
 
 TABLES = ("snapshots", "patches", "blobs")
+"""The Node server's tables, in every store file."""
 SIDE_SUFFIXES = ("-wal", "-shm")
 
 
@@ -54,6 +56,9 @@ class StoreFigures:
     last_clock: int | None
     snapshot_clock: int | None
     snapshot_bytes: int | None
+    blobs: int = 0
+    """Values this store id wrote (in ``blobs`` as their owner, or in ``store_blobs``)."""
+    blob_bytes: int = 0
 
 
 @dataclass
@@ -64,11 +69,14 @@ class FileReport:
     path: str
     stores: list[StoreFigures]
     blobs: int
+    """Every stored value of the file: ``blobs`` rows plus ``store_blobs`` rows."""
     blob_bytes: int
     bytes: int
     last_write: str | None
     integrity: str
     sqlite_version: str = SQLITE_VERSION
+    unowned_blobs: int = 0
+    """``blobs`` rows without an owner (written by the Node server): every store of the file reads them."""
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,10 +146,49 @@ def resolve_store(directory: Path | None, target: str) -> tuple[Path, str | None
 def store_ids(conn: sqlite3.Connection) -> list[str]:
     """Every store id that has rows in a file (two ids can share one file)."""
     _check_schema(conn)
-    rows = conn.execute(
-        "SELECT store_id FROM patches UNION SELECT store_id FROM snapshots ORDER BY 1"
-    ).fetchall()
+    sources = ["patches", "snapshots", *own_blob_tables(conn)]
+    union = " UNION ".join(f"SELECT store_id FROM {table}" for table in sources)
+    rows = conn.execute(union + " ORDER BY 1").fetchall()
     return [str(row[0]) for row in rows]
+
+
+def own_blob_tables(conn: sqlite3.Connection) -> list[str]:
+    """Which of the server's value-ownership tables a file has (files of the Node server have none)."""
+    names = {
+        str(row[0])
+        for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    }
+    return [table for table in OWN_BLOB_TABLES if table in names]
+
+
+def value_figures(conn: sqlite3.Connection, store_id: str) -> tuple[int, int]:
+    """How many values (and bytes) one store id wrote: owned ``blobs`` rows and ``store_blobs``."""
+    if len(own_blob_tables(conn)) < len(OWN_BLOB_TABLES):
+        return 0, 0
+    count, size = conn.execute(
+        "SELECT count(*), coalesce(sum(n), 0) FROM ("
+        " SELECT length(b.data) AS n FROM blobs AS b JOIN blob_owners AS o ON o.hash = b.hash"
+        " WHERE o.store_id = ?1"
+        " UNION ALL SELECT length(data) FROM store_blobs WHERE store_id = ?1)",
+        (store_id,),
+    ).fetchone()
+    return int(count), int(size)
+
+
+def file_value_figures(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    """Values of a whole file (count, bytes) and how many ``blobs`` rows have no owner."""
+    count, size = conn.execute(
+        "SELECT count(*), coalesce(sum(length(data)), 0) FROM blobs"
+    ).fetchone()
+    if len(own_blob_tables(conn)) < len(OWN_BLOB_TABLES):
+        return int(count), int(size), int(count)
+    extra, extra_size = conn.execute(
+        "SELECT count(*), coalesce(sum(length(data)), 0) FROM store_blobs"
+    ).fetchone()
+    (unowned,) = conn.execute(
+        "SELECT count(*) FROM blobs WHERE hash NOT IN (SELECT hash FROM blob_owners)"
+    ).fetchone()
+    return int(count) + int(extra), int(size) + int(extra_size), int(unowned)
 
 
 def file_bytes(path: Path) -> int:
@@ -185,6 +232,7 @@ def store_figures(conn: sqlite3.Connection, store_id: str) -> StoreFigures:
     snapshot = conn.execute(
         "SELECT clock, length(data) FROM snapshots WHERE store_id = ?", (store_id,)
     ).fetchone()
+    blobs, blob_bytes = value_figures(conn, store_id)
     return StoreFigures(
         store_id=store_id,
         patches=int(count),
@@ -193,6 +241,8 @@ def store_figures(conn: sqlite3.Connection, store_id: str) -> StoreFigures:
         last_clock=last,
         snapshot_clock=snapshot[0] if snapshot else None,
         snapshot_bytes=snapshot[1] if snapshot else None,
+        blobs=blobs,
+        blob_bytes=blob_bytes,
     )
 
 
@@ -202,9 +252,7 @@ def inspect_file(path: Path, *, quick: bool = False) -> FileReport:
     try:
         try:
             ids = store_ids(conn)
-            blobs, blob_bytes = conn.execute(
-                "SELECT count(*), coalesce(sum(length(data)), 0) FROM blobs"
-            ).fetchone()
+            blobs, blob_bytes, unowned = file_value_figures(conn)
             stores = [store_figures(conn, store_id) for store_id in ids]
         except sqlite3.Error as exc:
             raise MaintenanceError(f"{path.name} cannot be read: {exc}") from None
@@ -215,8 +263,9 @@ def inspect_file(path: Path, *, quick: bool = False) -> FileReport:
         file=path.name,
         path=str(path),
         stores=stores,
-        blobs=int(blobs),
-        blob_bytes=int(blob_bytes),
+        blobs=blobs,
+        blob_bytes=blob_bytes,
+        unowned_blobs=unowned,
         bytes=file_bytes(path),
         last_write=last_write(path),
         integrity=check,

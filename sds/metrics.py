@@ -66,6 +66,11 @@ class Metrics:
     """When (time.monotonic) the last commit failed."""
     stores_open: int = 0
     store_files_open: int = 0
+    value_answers_active: int = 0
+    value_requests_queued: int = 0
+    value_requests_unanswered: Counter[str] = field(default_factory=Counter)
+    value_answer_bytes: int = 0
+    values_not_stored: Counter[str] = field(default_factory=Counter)
 
     def observe_commit(self, seconds: float, *, ok: bool) -> None:
         """Count one storage commit that took ``seconds`` and succeeded or not."""
@@ -177,6 +182,31 @@ def render_prometheus(metrics: Metrics) -> str:
                     m.commit_queue_depth,
                 ),
                 InfoMetricFamily("sds_build", "Versions of sds, Python and SQLite.", build_info()),
+                gauge(
+                    "sds_value_answers_active",
+                    "REQ_VALUE answers being sent (at most one per client).",
+                    m.value_answers_active,
+                ),
+                gauge(
+                    "sds_value_requests_queued",
+                    "REQ_VALUE answers waiting behind the one in flight.",
+                    m.value_requests_queued,
+                ),
+                by_reason(
+                    "sds_value_requests_unanswered",
+                    "REQ_VALUE requests (still relayed) the server did not answer, by reason.",
+                    m.value_requests_unanswered,
+                ),
+                counter(
+                    "sds_value_answer_bytes",
+                    "Payload bytes of REQ_VALUE answers written to sockets.",
+                    m.value_answer_bytes,
+                ),
+                by_reason(
+                    "sds_values_not_stored",
+                    "Values (VALUE_CHUNK sequences) that could not be stored, by reason.",
+                    m.values_not_stored,
+                ),
             ]
 
     registry = CollectorRegistry(auto_describe=False)

@@ -9,6 +9,13 @@ File layout (compatible with the Node server's persistence, so files open in pla
 * ``blobs(hash, data, ref_count)``: ``hash`` is the lowercase hex of a value key,
   ``data`` the value bytes without the key.
 
+Two tables of our own keep the values of the store ids that share a file apart
+(``blobs`` has no store id): ``blob_owners(hash, store_id)`` names the store
+whose value a ``blobs`` row is (a row without an owner was written by the Node
+server and is readable by every store of the file), and ``store_blobs(store_id,
+hash, data)`` holds a store's value whose key in ``blobs`` is another store's
+(or ownerless). See docs/persistence.md.
+
 While the server has a file open it holds an exclusive ``flock`` on the file's
 lock file (``<name>.db.lock``); every other writer (``sds store compact``,
 ``sds restore``) takes the same lock first or goes through the server.
@@ -57,7 +64,28 @@ CREATE TABLE IF NOT EXISTS blobs (
     data BLOB NOT NULL,
     ref_count INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS blob_owners (
+    hash TEXT PRIMARY KEY,
+    store_id TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS store_blobs (
+    store_id TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (store_id, hash)
+);
 """
+OWN_BLOB_TABLES = ("blob_owners", "store_blobs")
+"""Our tables beside the Node server's three: which store a value in ``blobs`` belongs to."""
+_FIND_BLOB = (
+    "SELECT 'store_blobs', rowid, length(data) FROM store_blobs WHERE store_id = ?1 AND hash = ?2"
+    " UNION ALL SELECT 'blobs', b.rowid, length(b.data) FROM blobs AS b"
+    " LEFT JOIN blob_owners AS o ON o.hash = b.hash"
+    " WHERE b.hash = ?2 AND (o.store_id IS NULL OR o.store_id = ?1)"
+    " LIMIT 1"
+)
+"""Where a store's value for a key is: its own row in store_blobs first, then blobs when the
+row there is the store's or has no owner. ``length()`` of a BLOB does not read its content."""
 SQLITE_VERSION = sqlite3.sqlite_version
 HISTORY_PAGE_ROWS = 128
 MAX_ROWS_PER_INSERT = 10_000
@@ -351,6 +379,7 @@ class StoreFile:
         self._writing = 0
         self._committer: asyncio.Task[None] | None = None
         self._io = asyncio.Lock()
+        self._blob_readers: set[BlobReader] = set()
 
     async def open(self, *, lock_timeout: float, record: LockRecord | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -496,11 +525,7 @@ class StoreFile:
             if isinstance(op, PatchRun):
                 await self._insert_run(op, commit)
             elif op.kind == "blob":
-                await self._db.execute(
-                    "INSERT INTO blobs (hash, data, ref_count) VALUES (?, ?, 1) "
-                    "ON CONFLICT(hash) DO UPDATE SET data = excluded.data",
-                    (op.key, op.data),
-                )
+                await self._write_blob(op)
             elif op.kind == "snapshot":
                 clock = self._clocks[op.store_id]
                 await self._db.execute(
@@ -511,6 +536,41 @@ class StoreFile:
                     "DELETE FROM patches WHERE store_id = ? AND clock <= ?",
                     (op.store_id, clock),
                 )
+
+    async def _write_blob(self, op: Write) -> None:
+        """Store a value of one store, never over another store's value under the same key.
+
+        The first store to write a key gets the ``blobs`` row (as the Node server
+        would have written it) and is recorded as its owner; a later value of
+        another store of the file, or one for a key whose ``blobs`` row has no
+        owner (written by the Node server), goes to ``store_blobs``.
+        """
+        async with self._db.execute(
+            "SELECT (SELECT 1 FROM blobs WHERE hash = ?1),"
+            " (SELECT store_id FROM blob_owners WHERE hash = ?1)",
+            (op.key,),
+        ) as cursor:
+            row = await cursor.fetchone()
+        exists, owner = (row[0], row[1]) if row else (None, None)
+        if exists is None:
+            await self._db.execute(
+                "INSERT INTO blobs (hash, data, ref_count) VALUES (?, ?, 1)", (op.key, op.data)
+            )
+            await self._db.execute(
+                "INSERT OR REPLACE INTO blob_owners (hash, store_id) VALUES (?, ?)",
+                (op.key, op.store_id),
+            )
+        elif owner == op.store_id:
+            await self._db.execute("UPDATE blobs SET data = ? WHERE hash = ?", (op.data, op.key))
+        else:
+            await self._db.execute(
+                "INSERT INTO store_blobs (store_id, hash, data) VALUES (?, ?, ?) "
+                "ON CONFLICT(store_id, hash) DO UPDATE SET data = excluded.data",
+                (op.store_id, op.key, op.data),
+            )
+        for reader in self._blob_readers:
+            if reader.key == op.key:
+                reader.stale = True
 
     async def _insert_run(self, run: PatchRun, commit: Commit) -> None:
         """Insert a run of patches with the next clocks of their store, many rows per statement.
@@ -535,14 +595,45 @@ class StoreFile:
             except sqlite3.Error as exc:
                 raise StorageError(f"reading {self.path.name} failed: {exc}") from None
 
-    async def read_blob(self, key: str) -> bytes | None:
-        """The stored value for a key (hex), or None."""
-        async with (
-            self._reading() as db,
-            db.execute("SELECT data FROM blobs WHERE hash = ?", (key,)) as cur,
-        ):
-            row = await cur.fetchone()
-        return bytes(row[0]) if row else None
+    @contextlib.asynccontextmanager
+    async def open_blob(self, store_id: str, key: str) -> AsyncIterator[BlobReader | None]:
+        """Where a store's value for ``key`` is (None when it has none), for reading in pieces.
+
+        Nothing is read yet and no lock is held between pieces: commits go on. A
+        commit that writes the same key makes the reader stale (BlobChanged on the
+        next piece); maintenance (VACUUM may move rows) makes it look the row up again.
+        """
+        async with self._reading() as db:
+            found = await _find_blob(db, store_id, key)
+        if found is None:
+            yield None
+            return
+        reader = BlobReader(store_id, key, *found)
+        self._blob_readers.add(reader)
+        try:
+            yield reader
+        finally:
+            self._blob_readers.discard(reader)
+
+    async def read_blob_piece(self, reader: BlobReader, offset: int, size: int) -> bytes:
+        """``size`` bytes of a value from ``offset``, read incrementally (never the whole value).
+
+        Raises BlobChanged when the value was overwritten since ``open_blob``.
+        """
+        async with self._reading() as db:
+            if reader.stale:
+                raise BlobChanged(f"value {reader.key[:12]} changed while it was read")
+            if reader.moved:
+                found = await _find_blob(db, reader.store_id, reader.key)
+                if found is None or found[2] != reader.size:
+                    raise BlobChanged(f"value {reader.key[:12]} changed while it was read")
+                reader.table, reader.rowid, _ = found
+                reader.moved = False
+            # aiosqlite has no blob API: run sqlite3's incremental blob I/O on its thread.
+            piece: bytes = await db._execute(
+                _read_blob_piece, db._conn, reader.table, reader.rowid, offset, size
+            )
+            return piece
 
     async def last_clock(self, store_id: str) -> int:
         async with self._reading():
@@ -573,7 +664,45 @@ class StoreFile:
     async def paused(self) -> AsyncIterator[Path]:
         """Let maintenance own the file: pending commits finish, new ones wait until the end."""
         async with self._io:
+            for reader in self._blob_readers:  # VACUUM may move rows
+                reader.moved = True
             yield self.path
+
+
+class BlobChanged(StorageError):
+    """A value was overwritten (or its file compacted) while it was read in pieces."""
+
+
+class BlobReader:
+    """Where one stored value is, for reading it in pieces (see ``StoreFile.open_blob``)."""
+
+    __slots__ = ("key", "moved", "rowid", "size", "stale", "store_id", "table")
+
+    def __init__(self, store_id: str, key: str, table: str, rowid: int, size: int) -> None:
+        self.store_id = store_id
+        self.key = key
+        self.table = table
+        self.rowid = rowid
+        self.size = size
+        self.stale = False
+        """The value was overwritten: the rest of it is another value's."""
+        self.moved = False
+        """Maintenance ran: the row may have another rowid now."""
+
+
+async def _find_blob(db: Any, store_id: str, key: str) -> tuple[str, int, int] | None:
+    """(table, rowid, size) of a store's value for ``key``, or None."""
+    async with db.execute(_FIND_BLOB, (store_id, key)) as cursor:
+        row = await cursor.fetchone()
+    return None if row is None else (str(row[0]), int(row[1]), int(row[2]))
+
+
+def _read_blob_piece(
+    conn: sqlite3.Connection, table: str, rowid: int, offset: int, size: int
+) -> bytes:
+    with conn.blobopen(table, "data", rowid, readonly=True) as blob:
+        blob.seek(offset)
+        return blob.read(size)
 
 
 class StoreLog:
@@ -603,8 +732,12 @@ class StoreLog:
     def put_blob(self, key: str, value: bytes) -> Commit:
         return self.file.submit(Write(self.store_id, "blob", value, key=key))
 
-    async def read_blob(self, key: str) -> bytes | None:
-        return await self.file.read_blob(key)
+    def open_blob(self, key: str) -> contextlib.AbstractAsyncContextManager[BlobReader | None]:
+        """This store's value for ``key``, to read in pieces (see ``StoreFile.open_blob``)."""
+        return self.file.open_blob(self.store_id, key)
+
+    async def read_blob_piece(self, reader: BlobReader, offset: int, size: int) -> bytes:
+        return await self.file.read_blob_piece(reader, offset, size)
 
     async def last_clock(self) -> int:
         """The highest committed clock of this store (its snapshot's when patches were pruned)."""

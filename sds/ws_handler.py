@@ -13,8 +13,7 @@ from aiohttp import WSMsgType, web
 
 from sds.appkeys import CONFIG, RELAY, STATE, ServerState
 from sds.auth import CloseRefusal, admit, http_error, refuse_with_close
-from sds.background import spawn
-from sds.chunks import ChunkAssembler
+from sds.chunks import ChunkAssembler, ChunkRefused
 from sds.protocol import (
     KEY_BYTES,
     PATCH,
@@ -24,9 +23,9 @@ from sds.protocol import (
     parse_chunk,
     reject_write_frame,
     scope_can_write,
-    value_answer_frames,
 )
-from sds.relay import Client, LiveStore, Refused, accept_client
+from sds.relay import CLOSE_TRY_AGAIN_LATER, Client, LiveStore, Refused, accept_client
+from sds.value_answers import ValueAnswers
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         raise http_error(503, str(exc)) from None
 
     client: Client | None = None
+    answers: ValueAnswers | None = None
     try:
         client = await accept_client(
             request,
@@ -62,7 +62,10 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
                 state.chunk_budget,
                 limit=config.max_chunk_bytes_per_client,
                 timeout=config.chunk_timeout,
+                store_id=store_id,
+                not_stored=relay.metrics.values_not_stored,
             )
+            answers = ValueAnswers(client, store.log, relay.metrics)
         relay.metrics.connections_opened += 1
         relay.metrics.connections_open += 1
         state.clients.add(client)
@@ -74,9 +77,11 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
             extra={"event": "open", "store_id": store_id, "scope": claims.scope, "sub": claims.sub},
         )
         await relay.join(store, client)
-        await _read_frames(client.ws, store, client)
+        await _read_frames(client.ws, store, client, answers)
         return client.ws
     finally:
+        if answers is not None:
+            answers.cancel()
         relay.leave(store, client)
         if client is not None:
             _forget(client, state)
@@ -106,7 +111,9 @@ def _forget(client: Client, state: ServerState) -> None:
     )
 
 
-async def _read_frames(ws: web.WebSocketResponse, store: LiveStore, client: Client) -> None:
+async def _read_frames(
+    ws: web.WebSocketResponse, store: LiveStore, client: Client, answers: ValueAnswers | None
+) -> None:
     metrics = client.metrics
     while True:
         msg = await ws.receive()
@@ -119,7 +126,7 @@ async def _read_frames(ws: web.WebSocketResponse, store: LiveStore, client: Clie
             metrics.bytes_received += len(data)
             if client.closing:
                 continue
-            handle_frame(store, client, data)
+            handle_frame(store, client, data, answers)
             if store.full:
                 await store.wait_for_room()
         elif msg.type is WSMsgType.TEXT:
@@ -131,8 +138,14 @@ async def _read_frames(ws: web.WebSocketResponse, store: LiveStore, client: Clie
             return
 
 
-def handle_frame(store: LiveStore, client: Client, data: bytes) -> None:
-    """Check scope, store if it is a write, relay to the other clients of the store."""
+def handle_frame(
+    store: LiveStore, client: Client, data: bytes, answers: ValueAnswers | None = None
+) -> None:
+    """Check scope, store if it is a write, relay to the other clients of the store.
+
+    A REQ_VALUE is relayed like any frame and, for a stored key, also answered to
+    its sender alone by ``answers`` (one answer at a time, see sds.value_answers).
+    """
     msg_type = data[0]
     if not client.can_write and reject_write_frame(msg_type):
         client.metrics.frames_dropped["read_scope"] += 1
@@ -147,19 +160,27 @@ def handle_frame(store: LiveStore, client: Client, data: bytes) -> None:
         key = data[1 : 1 + KEY_BYTES].hex()
         store.relay_after_commit(data, client, log_.put_value(key, data[1 + KEY_BYTES :], data[1:]))
     elif msg_type == VALUE_CHUNK:
-        value = _chunk_value(client, data)
+        try:
+            value = _chunk_value(client, data)
+        except ChunkRefused as refused:
+            store.relay(data, client)
+            _refuse_value(client, refused)
+            return
         if value is None:
             store.relay(data, client)
         else:
             store.relay_after_commit(data, client, log_.put_blob(value[0], value[1]))
     else:
         store.relay(data, client)
-        if msg_type == REQ_VALUE and len(data) >= 1 + KEY_BYTES:
-            spawn(_answer_value_request(store, client, data[1 : 1 + KEY_BYTES].hex()))
+        if msg_type == REQ_VALUE and answers is not None and len(data) >= 1 + KEY_BYTES:
+            answers.request(data[1 : 1 + KEY_BYTES].hex())
 
 
 def _chunk_value(client: Client, data: bytes) -> tuple[str, bytes] | None:
-    """The (key, value) a VALUE_CHUNK completes, or None (incomplete or malformed)."""
+    """The (key, value) a VALUE_CHUNK completes, or None (incomplete or malformed).
+
+    Raises ChunkRefused when the sequence cannot be stored for lack of memory.
+    """
     parsed = parse_chunk(data)
     if parsed is None:
         client.metrics.frames_dropped["malformed_chunk_not_stored"] += 1
@@ -169,17 +190,24 @@ def _chunk_value(client: Client, data: bytes) -> tuple[str, bytes] | None:
     return None if value is None else (header.key, value)
 
 
-async def _answer_value_request(store: LiveStore, client: Client, key: str) -> None:
-    """Answer a REQ_VALUE for a stored key to the requester alone."""
-    log_ = store.log
-    if log_ is None:
-        return
-    try:
-        value = await log_.read_blob(key)
-    except Exception as exc:  # a failed read must not take the connection down
-        log.warning("store %s: reading value %s failed: %s", store.store_id, key[:12], exc)
-        return
-    if value is None:
-        return
-    for frame in value_answer_frames(key, value):
-        client.send(frame)
+def _refuse_value(client: Client, refused: ChunkRefused) -> None:
+    """A value that cannot be stored: counted (by the assembler), logged, and its sender closed.
+
+    The chunk that overflowed was relayed like every chunk; the close (1013, try
+    again later) tells the sender that its value is not stored, so it can send it
+    again when memory is free, instead of believing it saved.
+    """
+    log.warning(
+        "store %s: value %s from sub %s not stored (%s); closing the sender with 1013",
+        client.store_id,
+        refused.key[:12],
+        client.sub,
+        refused.reason,
+        extra={
+            "event": "value_not_stored",
+            "store_id": client.store_id,
+            "sub": client.sub,
+            "reason": refused.reason,
+        },
+    )
+    client.close(CLOSE_TRY_AGAIN_LATER, f"value not stored: {refused.reason}")

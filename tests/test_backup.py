@@ -58,7 +58,13 @@ def test_backup_round_trip_restores_identical_rows(tmp_path: Path) -> None:
     manifest = result.manifest
     entries = {entry.name: entry for entry in manifest.files}
     assert entries["a_b.db"].store_ids == ["a/b", "a:b"]
-    assert entries["notes.db"].rows == {"snapshots": 1, "patches": 3, "blobs": 1}
+    assert entries["notes.db"].rows == {
+        "snapshots": 1,
+        "patches": 3,
+        "blobs": 1,
+        "blob_owners": 0,
+        "store_blobs": 0,
+    }
     assert len(entries["notes.db"].sha256) == 64
     assert manifest.sqlite_version and manifest.created.endswith("Z")
     assert verify_archive(result.archive).files == manifest.files

@@ -7,7 +7,9 @@ import sqlite3
 import struct
 from pathlib import Path
 
-from sds.appkeys import STATE
+import pytest
+
+from sds.appkeys import METRICS, STATE
 from sds.protocol import CHUNK_BYTES, value_chunk_frames
 from sds.storage import store_filename
 from tests.conftest import RunningServer, ServerFactory
@@ -122,7 +124,9 @@ async def test_incomplete_sequence_is_dropped_when_sender_leaves(
     assert blobs(persistent_server, "partial") == {}
 
 
-async def test_chunk_memory_per_connection_is_bounded(make_server: ServerFactory) -> None:
+async def test_chunk_count_past_the_connection_limit_is_relayed_but_never_stored(
+    make_server: ServerFactory,
+) -> None:
     server = await make_server(persist=True, max_chunk_bytes_per_client=1500)
     writer = await server.connect("bounded")
     peer = await server.connect("bounded")
@@ -133,6 +137,85 @@ async def test_chunk_memory_per_connection_is_bounded(make_server: ServerFactory
     await asyncio.sleep(0.2)
     assert blobs(server, "bounded") == {}
     assert server.app[STATE].chunk_budget.used == 0
+    assert server.app[METRICS].values_not_stored["count_too_large"] == 2
+    assert writer.close_code is None
+
+
+async def test_chunk_memory_per_connection_is_bounded_and_the_sender_learns_it(
+    make_server: ServerFactory,
+) -> None:
+    server = await make_server(persist=True, max_chunk_bytes_per_client=2 * CHUNK_BYTES)
+    writer = await server.connect("full")
+    peer = await server.connect("full")
+    frames = [
+        chunk(key(7), 0, 1, b"done"),
+        chunk(key(8), 0, 2, b"a" * CHUNK_BYTES),
+        chunk(key(9), 0, 2, b"b" * CHUNK_BYTES),
+        chunk(key(10), 0, 2, b"c"),
+    ]
+    for frame in frames:
+        await writer.send(frame)
+    # Relayed as they came; the last one finds the connection's memory full: not stored,
+    # and the sender is closed with 1013 so it knows.
+    assert [await peer.receive() for _ in frames] == frames
+    assert await writer.wait_closed() == 1013
+    assert blobs(server, "full") == {key(7).hex(): b"done"}
+    assert server.app[METRICS].values_not_stored["client_limit"] == 1
+    async with asyncio.timeout(5):
+        while server.app[STATE].chunk_budget.used:
+            await asyncio.sleep(0.02)
+
+
+async def test_one_store_cannot_take_the_chunk_memory_of_the_others(
+    make_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await make_server(
+        persist=True, max_chunk_bytes_per_store=3000, max_chunk_bytes_total=4000
+    )
+    tenant_token = server.token("tenant", sub="greedy")
+    tenant = await server.connect("tenant", token=tenant_token)
+    peer = await server.connect("tenant", scope="read")
+    hoard = [chunk(key(9), index, 8, bytes([index]) * 1000) for index in range(4)]
+    for frame in hoard:
+        await tenant.send(frame)
+    # Every chunk is relayed; the fourth passes the store's budget: the sender is told.
+    assert [await peer.receive() for _ in hoard] == hoard
+    assert await tenant.wait_closed() == 1013
+    metrics = server.app[METRICS]
+    assert metrics.values_not_stored["store_limit"] == 1
+
+    # Another store's value still fits in the total and is stored.
+    other = await server.connect("other")
+    await other.send(chunk(key(10), 0, 1, b"o" * 900))
+    await other.send(chunk(key(11), 0, 2, b"x" * 500))
+    await other.send(chunk(key(11), 1, 2, b"y" * 500))
+    await asyncio.sleep(0.3)
+    assert blobs(server, "other") == {
+        key(10).hex(): b"o" * 900,
+        key(11).hex(): b"x" * 500 + b"y" * 500,
+    }
+    assert other.close_code is None
+    assert server.app[STATE].chunk_budget.used == 0
+
+    lines = [r.getMessage() for r in caplog.records if "not stored" in r.getMessage()]
+    assert any("store tenant" in line and "store_limit" in line for line in lines)
+    assert not any(tenant_token in r.getMessage() for r in caplog.records)
+
+
+async def test_value_beyond_the_total_chunk_memory_is_refused_with_1013(
+    make_server: ServerFactory,
+) -> None:
+    server = await make_server(persist=True, max_chunk_bytes_total=1500)
+    first = await server.connect("total-a")
+    await first.send(chunk(key(12), 0, 2, b"a" * 1000))
+    second = await server.connect("total-b")
+    await second.send(chunk(key(13), 0, 2, b"b" * 1000))
+    assert await second.wait_closed() == 1013
+    assert server.app[METRICS].values_not_stored["total_limit"] == 1
+    assert first.close_code is None
+    await first.send(chunk(key(12), 1, 2, b"c" * 400))
+    await asyncio.sleep(0.3)
+    assert blobs(server, "total-a") == {key(12).hex(): b"a" * 1000 + b"c" * 400}
 
 
 async def test_stale_chunk_sequences_expire(make_server: ServerFactory) -> None:

@@ -144,7 +144,7 @@ def _print_manifest(manifest: Any, title: str) -> None:
             ", ".join(entry.store_ids),
             str(entry.rows.get("patches", 0)),
             str(entry.rows.get("snapshots", 0)),
-            str(entry.rows.get("blobs", 0)),
+            str(entry.rows.get("blobs", 0) + entry.rows.get("store_blobs", 0)),
             human_bytes(entry.bytes),
             entry.sha256[:16],
         ]
