@@ -55,6 +55,8 @@ ARCHIVE_MODE = 0o600
 """Archives hold every store in clear: readable by their owner alone."""
 LEFTOVER_PREFIX = ".sds-backup-"
 """Work dirs and ``.partial`` archives of a run start with this; a dead run's are removed."""
+RESTORE_PREFIX = ".sds-restore-"
+"""The unpack dir of a restore in the persist dir; a killed restore's is removed by the next."""
 MAX_MANIFEST_BYTES = 16 << 20
 _SAFE_FILE = re.compile(r"^[A-Za-z0-9_-]+\.db$")
 _ARCHIVE_NAME = re.compile(r"^sds-backup-(\d{8}T\d{6}Z)(?:-(\d+))?\.tar\.gz$")
@@ -273,8 +275,8 @@ def create_backup(
     except OSError as exc:
         raise BackupError(f"cannot create {out_dir}: {exc.strerror}") from None
     now = now or dt.datetime.now(dt.UTC)
-    with _directory_lock(out_dir):
-        leftovers = remove_leftovers(out_dir)
+    with _directory_lock(out_dir, f"another sds backup is writing into {out_dir}"):
+        leftovers = remove_leftovers(out_dir, LEFTOVER_PREFIX)
         result = _write_archive(sources, out_dir, now, progress)
         result.removed_leftovers = leftovers
         if keep is not None and not result.manifest.skipped:
@@ -338,29 +340,29 @@ def _write_archive(
 
 
 @contextlib.contextmanager
-def _directory_lock(directory: Path) -> Iterator[None]:
-    """Hold an exclusive lock on a directory for one run; BackupError when another run has it."""
+def _directory_lock(directory: Path, busy: str) -> Iterator[None]:
+    """Hold an exclusive lock on a directory for one run; BackupError(busy) when another has it."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise BackupError(f"another sds backup is writing into {directory}") from None
+                raise BackupError(busy) from None
             raise BackupError(f"cannot lock {directory}: {exc.strerror}") from None
         yield
     finally:
         os.close(fd)
 
 
-def remove_leftovers(out_dir: Path) -> list[str]:
-    """Delete the work dirs and ``.partial`` archives a killed run left in ``out_dir``.
+def remove_leftovers(directory: Path, prefix: str) -> list[str]:
+    """Delete the work dirs and ``.partial`` archives a killed run left in ``directory``.
 
     Call with the directory lock held: then no live run owns any of them.
     """
     removed = []
-    for path in sorted(out_dir.iterdir()):
-        if not path.name.startswith(LEFTOVER_PREFIX):
+    for path in sorted(directory.iterdir()):
+        if not path.name.startswith(prefix):
             continue
         try:
             if path.is_dir() and not path.is_symlink():
@@ -419,7 +421,7 @@ def _sds_version() -> str:
 def extracted(archive: Path, *, parent: Path | None = None) -> Iterator[tuple[Manifest, Path]]:
     """Unpack an archive into a temporary dir (removed afterwards); its verified manifest."""
     try:
-        work_dir = tempfile.TemporaryDirectory(prefix=".sds-restore-", dir=parent)
+        work_dir = tempfile.TemporaryDirectory(prefix=RESTORE_PREFIX, dir=parent)
     except OSError as exc:
         raise BackupError(f"cannot unpack into {parent}: {exc.strerror}") from None
     with work_dir as work:
@@ -567,7 +569,12 @@ def restore_archive(
         persist_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise BackupError(f"cannot create {persist_dir}: {exc.strerror}") from None
-    with extracted(archive, parent=persist_dir) as (manifest, stores):
+    with (
+        _directory_lock(persist_dir, f"another sds restore is running in {persist_dir}"),
+        contextlib.ExitStack() as stack,
+    ):
+        remove_leftovers(persist_dir, RESTORE_PREFIX)
+        manifest, stores = stack.enter_context(extracted(archive, parent=persist_dir))
         entries = _selected(manifest, only, archive)
         if if_missing:
             kept = [e.name for e in entries if (persist_dir / e.name).exists()]

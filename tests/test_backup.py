@@ -480,3 +480,16 @@ def test_restore_if_missing_restores_only_absent_stores(tmp_path: Path) -> None:
     both = run_sds("restore", str(archive), "--if-missing", "--force", env=env)
     assert both.returncode == 2
     one_error_line(both)
+
+
+def test_the_next_restore_removes_what_a_killed_restore_left(tmp_path: Path) -> None:
+    source = _stores(tmp_path / "stores")
+    archive = create_backup(source, tmp_path / "backups").archive
+    target = tmp_path / "target"
+    unpacked = target / ".sds-restore-k1ll3d" / "stores"
+    unpacked.mkdir(parents=True)
+    (unpacked / "notes.db").write_bytes(b"x" * 100_000)
+    result = run_sds("restore", str(archive), env=clean_env(SDS_PERSIST_DIR=str(target)))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in target.iterdir() if p.name.startswith(".")) == []
+    assert all_rows(target / "notes.db") == all_rows(source / "notes.db")
