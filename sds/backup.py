@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from sds.maintenance import (
-    STORE_FILE_MODE,
     TABLES,
     MaintenanceError,
     adopt,
@@ -43,7 +42,7 @@ from sds.maintenance import (
     store_files,
     store_ids,
 )
-from sds.storage import SQLITE_VERSION, StoreBusy, connect_sync, try_lock
+from sds.storage import SQLITE_VERSION, STORE_FILE_MODE, StoreBusy, connect_sync, try_lock
 
 ARCHIVE_PREFIX = "sds-backup-"
 ARCHIVE_SUFFIX = ".tar.gz"

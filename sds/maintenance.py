@@ -26,6 +26,7 @@ from typing import Any
 
 from sds.storage import (
     SQLITE_VERSION,
+    STORE_FILE_MODE,
     StoreBusy,
     connect_sync,
     lock_path,
@@ -35,8 +36,6 @@ from sds.storage import (
 
 TABLES = ("snapshots", "patches", "blobs")
 SIDE_SUFFIXES = ("-wal", "-shm")
-STORE_FILE_MODE = 0o600
-"""Mode of every file a command writes into a persist dir (store files hold every patch)."""
 
 
 class MaintenanceError(Exception):

@@ -132,7 +132,9 @@ STORE_FILE_MODE = 0o600
 def create_private(path: Path) -> None:
     """Create an empty store file with mode 0600 unless it exists (SQLite reads it as empty)."""
     with contextlib.suppress(FileExistsError):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        os.close(
+            os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, STORE_FILE_MODE)
+        )
 
 
 def connect_sync(path: Path, *, sync: str = "normal", readonly: bool = False) -> sqlite3.Connection:
