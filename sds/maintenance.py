@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import stat
 import time
 import urllib.error
 import urllib.parse
@@ -143,13 +144,15 @@ def adopt(path: Path, directory: Path) -> None:
     with sudo must not leave root-owned files the server cannot write); otherwise
     only the mode is set (``foreign_owner`` refused the other cases up front).
     """
-    info = directory.stat()
-    if os.geteuid() == 0 and (path.stat().st_uid, path.stat().st_gid) != (
-        info.st_uid,
-        info.st_gid,
+    owner = directory.stat()
+    current = path.lstat()
+    root = os.geteuid() == 0
+    if root and (current.st_uid, current.st_gid) != (owner.st_uid, owner.st_gid):
+        os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
+    if stat.S_IMODE(current.st_mode) != STORE_FILE_MODE and (
+        root or current.st_uid == os.geteuid()
     ):
-        os.chown(path, info.st_uid, info.st_gid, follow_symlinks=False)
-    os.chmod(path, STORE_FILE_MODE, follow_symlinks=False)
+        os.chmod(path, STORE_FILE_MODE)
 
 
 def store_file_set(path: Path) -> list[Path]:
@@ -493,7 +496,6 @@ def compact_file(
         raise MaintenanceError(f"compaction of {path.name} failed: {exc}") from None
     finally:
         conn.close()
-    adopt_store_files(path)
     return CompactionResult(
         file=path.name,
         store_ids=ids,
@@ -599,8 +601,10 @@ def compact_safely(
             raise MaintenanceError(f"cannot lock {path.name}: {exc.strerror}") from None
         if fd is not None:
             try:
-                adopt_store_files(path)
-                return compact_file(path, store_id=store_id, value_mode=value_mode)
+                adopt_store_files(path)  # the lock file this command may have created
+                result = compact_file(path, store_id=store_id, value_mode=value_mode)
+                adopt_store_files(path)  # any -wal/-shm it left
+                return result
             finally:
                 os.close(fd)
         if admin_token is None:
