@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -22,7 +24,7 @@ import sqlite3
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -31,13 +33,17 @@ from typing import Any
 from sds.maintenance import (
     TABLES,
     MaintenanceError,
+    adopt,
+    adopt_store_files,
     connect_readonly,
+    foreign_owner,
+    fsync_dir,
     integrity,
     own_blob_tables,
     store_files,
     store_ids,
 )
-from sds.storage import SQLITE_VERSION, StoreBusy, try_lock
+from sds.storage import SQLITE_VERSION, STORE_FILE_MODE, StoreBusy, connect_sync, try_lock
 
 ARCHIVE_PREFIX = "sds-backup-"
 ARCHIVE_SUFFIX = ".tar.gz"
@@ -45,7 +51,15 @@ ARCHIVE_GLOB = f"{ARCHIVE_PREFIX}*{ARCHIVE_SUFFIX}"
 MANIFEST_NAME = "manifest.json"
 STORES_DIR = "stores"
 FORMAT_VERSION = 1
+ARCHIVE_MODE = 0o600
+"""Archives hold every store in clear: readable by their owner alone."""
+LEFTOVER_PREFIX = ".sds-backup-"
+"""Work dirs and ``.partial`` archives of a run start with this; a dead run's are removed."""
+RESTORE_PREFIX = ".sds-restore-"
+"""The unpack dir of a restore in the persist dir; a killed restore's is removed by the next."""
+MAX_MANIFEST_BYTES = 16 << 20
 _SAFE_FILE = re.compile(r"^[A-Za-z0-9_-]+\.db$")
+_ARCHIVE_NAME = re.compile(r"^sds-backup-(\d{8}T\d{6}Z)(?:-(\d+))?\.tar\.gz$")
 
 Progress = Callable[[str, int, int], None]
 """Called as ``progress(file_name, done, total)`` after each file."""
@@ -82,29 +96,82 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: Any) -> Manifest:
-        """Parse manifest.json; BackupError when it is not one."""
-        try:
-            if data["format"] != FORMAT_VERSION:
-                raise BackupError(f"unsupported manifest format {data['format']!r}")
-            files = [
+        """Parse manifest.json, checking every type; BackupError (one line) when it is not one."""
+        top = _dict(data, "manifest")
+        if top.get("format") != FORMAT_VERSION or isinstance(top.get("format"), bool):
+            raise BackupError(f"unsupported manifest format {_short(top.get('format'))}")
+        files = []
+        for index, raw in enumerate(_list(top.get("files"), "files")):
+            where = f"files[{index}]"
+            item = _dict(raw, where)
+            rows = _dict(item.get("rows"), f"{where}.rows")
+            files.append(
                 FileEntry(
-                    name=str(item["name"]),
-                    store_ids=[str(s) for s in item["store_ids"]],
-                    rows={str(k): int(v) for k, v in item["rows"].items()},
-                    sha256=str(item["sha256"]),
-                    bytes=int(item["bytes"]),
+                    name=_str(item.get("name"), f"{where}.name"),
+                    store_ids=[
+                        _str(one, f"{where}.store_ids")
+                        for one in _list(item.get("store_ids"), f"{where}.store_ids")
+                    ],
+                    rows={key: _int(value, f"{where}.rows.{key}") for key, value in rows.items()},
+                    sha256=_str(item.get("sha256"), f"{where}.sha256"),
+                    bytes=_int(item.get("bytes"), f"{where}.bytes"),
                 )
-                for item in data["files"]
-            ]
-            return cls(
-                created=str(data["created"]),
-                sqlite_version=str(data["sqlite_version"]),
-                sds_version=str(data.get("sds_version", "")),
-                files=files,
-                skipped=list(data.get("skipped", [])),
             )
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise BackupError("manifest.json is malformed") from None
+        skipped = [
+            {
+                _str(key, "skipped"): _str(value, "skipped")
+                for key, value in _dict(one, "skipped").items()
+            }
+            for one in _list(top.get("skipped", []), "skipped")
+        ]
+        return cls(
+            created=_str(top.get("created"), "created"),
+            sqlite_version=_str(top.get("sqlite_version"), "sqlite_version"),
+            sds_version=_str(top.get("sds_version", ""), "sds_version"),
+            files=files,
+            skipped=skipped,
+        )
+
+
+MAX_MANIFEST_INT = 1 << 63
+MAX_MANIFEST_STR = 4096
+
+
+def _malformed(where: str, what: str) -> BackupError:
+    return BackupError(f"manifest.json is malformed: {where} {what}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _dict(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _malformed(where, "is not an object")
+    return value
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise _malformed(where, "is not a list")
+    return value
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise _malformed(where, "is not a string")
+    if len(value) > MAX_MANIFEST_STR:
+        raise _malformed(where, "is too long")
+    return value
+
+
+def _int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _malformed(where, "is not a whole number")
+    if not 0 <= value < MAX_MANIFEST_INT:
+        raise _malformed(where, "is out of range")
+    return value
 
 
 @dataclass
@@ -113,9 +180,18 @@ class BackupResult:
 
     archive: Path
     manifest: Manifest
+    verified: bool = False
+    pruned: list[Path] = field(default_factory=list)
+    removed_leftovers: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
-        return {"archive": str(self.archive), "manifest": self.manifest.as_json()}
+        return {
+            "archive": str(self.archive),
+            "manifest": self.manifest.as_json(),
+            "verified": self.verified,
+            "pruned": [str(path) for path in self.pruned],
+            "removed_leftovers": self.removed_leftovers,
+        }
 
 
 def sha256_of(path: Path) -> str:
@@ -176,26 +252,57 @@ def create_backup(
     persist_dir: Path,
     out_dir: Path,
     *,
+    keep: int | None = None,
     progress: Progress | None = None,
     now: dt.datetime | None = None,
 ) -> BackupResult:
-    """Back up every store file of ``persist_dir`` into one new archive in ``out_dir``.
+    """Back up every store file of ``persist_dir`` into one new archive (0600) in ``out_dir``.
 
     Files that cannot be read are listed under ``skipped`` in the manifest; the caller
-    decides whether that is a failure (the CLI exits 1 so cron reports it).
+    decides whether that is a failure (the CLI exits 1 so cron reports it). One run at
+    a time writes into ``out_dir`` (it holds a lock on the directory), so what a killed
+    run left there (``.sds-backup-*``) is removed at the start. With ``keep``, a run
+    that archived every file verifies the new archive and then deletes all but the
+    newest ``keep`` sds archives of ``out_dir``.
     """
+    if keep is not None and keep < 1:
+        raise BackupError("keep must be at least 1")
     try:
         sources = store_files(persist_dir)
     except MaintenanceError as exc:
         raise BackupError(str(exc)) from None
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise BackupError(f"cannot create {out_dir}: {exc.strerror}") from None
     now = now or dt.datetime.now(dt.UTC)
+    with _directory_lock(out_dir, f"another sds backup is writing into {out_dir}"):
+        leftovers = remove_leftovers(out_dir, LEFTOVER_PREFIX)
+        result = _write_archive(sources, out_dir, now, progress)
+        result.removed_leftovers = leftovers
+        if keep is not None and not result.manifest.skipped:
+            try:
+                verify_archive(result.archive)
+            except BackupError as exc:
+                raise BackupError(
+                    f"the new archive {result.archive.name} does not verify ({exc}); "
+                    "no archive was pruned"
+                ) from None
+            result.verified = True
+            result.pruned = prune_archives(out_dir, keep)
+    return result
+
+
+def _write_archive(
+    sources: list[Path], out_dir: Path, now: dt.datetime, progress: Progress | None
+) -> BackupResult:
     entries: list[FileEntry] = []
     skipped: list[dict[str, str]] = []
-    with tempfile.TemporaryDirectory(prefix=".sds-backup-", dir=out_dir) as work:
+    try:
+        work_dir = tempfile.TemporaryDirectory(prefix=LEFTOVER_PREFIX, dir=out_dir)
+    except OSError as exc:
+        raise BackupError(f"cannot write in {out_dir}: {exc.strerror}") from None
+    with work_dir as work:
         stores = Path(work) / STORES_DIR
         stores.mkdir()
         for done, source in enumerate(sources, start=1):
@@ -213,21 +320,84 @@ def create_backup(
             files=entries,
             skipped=skipped,
         )
-        (Path(work) / MANIFEST_NAME).write_text(json.dumps(manifest.as_json(), indent=2) + "\n")
         archive = _free_name(out_dir, archive_name(now))
-        partial = out_dir / f".{archive.name}.partial"
+        partial = out_dir / f".{archive.name}.partial"  # starts with LEFTOVER_PREFIX
         try:
-            with tarfile.open(partial, "w:gz") as tar:
-                tar.add(Path(work) / MANIFEST_NAME, arcname=MANIFEST_NAME)
-                for entry in entries:
-                    tar.add(stores / entry.name, arcname=f"{STORES_DIR}/{entry.name}")
-            _fsync_file(partial)
+            (Path(work) / MANIFEST_NAME).write_text(json.dumps(manifest.as_json(), indent=2) + "\n")
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, ARCHIVE_MODE)
+            with os.fdopen(fd, "wb") as raw:
+                with tarfile.open(fileobj=raw, mode="w:gz") as tar:
+                    tar.add(Path(work) / MANIFEST_NAME, arcname=MANIFEST_NAME)
+                    for entry in entries:
+                        tar.add(stores / entry.name, arcname=f"{STORES_DIR}/{entry.name}")
+                raw.flush()
+                os.fsync(raw.fileno())
             os.replace(partial, archive)
-            _fsync_dir(out_dir)
+            fsync_dir(out_dir)
         except OSError as exc:
             partial.unlink(missing_ok=True)
             raise BackupError(f"cannot write the archive in {out_dir}: {exc.strerror}") from None
     return BackupResult(archive, manifest)
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path, busy: str) -> Iterator[None]:
+    """Hold an exclusive lock on a directory for one run; BackupError(busy) when another has it."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise BackupError(busy) from None
+            raise BackupError(f"cannot lock {directory}: {exc.strerror}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(directory: Path, prefix: str) -> list[str]:
+    """Delete the work dirs and ``.partial`` archives a killed run left in ``directory``.
+
+    Call with the directory lock held: then no live run owns any of them.
+    """
+    removed = []
+    for path in sorted(directory.iterdir()):
+        if not path.name.startswith(prefix):
+            continue
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise BackupError(f"cannot remove the leftover {path}: {exc.strerror}") from None
+        removed.append(path.name)
+    return removed
+
+
+def archives_in(directory: Path) -> list[Path]:
+    """The sds archives of a directory (regular files named sds-backup-...), oldest first."""
+    found: list[tuple[str, int, Path]] = []
+    for path in directory.iterdir():
+        match = _ARCHIVE_NAME.match(path.name)
+        if match is None or path.is_symlink() or not path.is_file():
+            continue
+        found.append((match.group(1), int(match.group(2) or 0), path))
+    return [path for _, _, path in sorted(found)]
+
+
+def prune_archives(directory: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` sds archives of a directory; the deleted ones."""
+    doomed = archives_in(directory)[:-keep]
+    for path in doomed:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise BackupError(f"cannot delete the old archive {path}: {exc.strerror}") from None
+    return doomed
 
 
 def _free_name(directory: Path, name: str) -> Path:
@@ -251,7 +421,11 @@ def _sds_version() -> str:
 @contextlib.contextmanager
 def extracted(archive: Path, *, parent: Path | None = None) -> Iterator[tuple[Manifest, Path]]:
     """Unpack an archive into a temporary dir (removed afterwards); its verified manifest."""
-    with tempfile.TemporaryDirectory(prefix=".sds-restore-", dir=parent) as work:
+    try:
+        work_dir = tempfile.TemporaryDirectory(prefix=RESTORE_PREFIX, dir=parent)
+    except OSError as exc:
+        raise BackupError(f"cannot unpack into {parent}: {exc.strerror}") from None
+    with work_dir as work:
         manifest = _unpack(archive, Path(work))
         _verify_files(manifest, Path(work) / STORES_DIR)
         yield manifest, Path(work) / STORES_DIR
@@ -268,7 +442,10 @@ def _unpack(archive: Path, work: Path) -> Manifest:
     if not archive.is_file():
         raise BackupError(f"no archive {archive}")
     stores = work / STORES_DIR
-    stores.mkdir()
+    try:
+        stores.mkdir()
+    except OSError as exc:
+        raise BackupError(f"cannot unpack into {work.parent}: {exc.strerror}") from None
     manifest_data: Any = None
     try:
         with tarfile.open(archive, "r:gz") as tar:
@@ -280,20 +457,40 @@ def _unpack(archive: Path, work: Path) -> Manifest:
                 if source is None:
                     raise BackupError(f"unreadable archive member {name!r}")
                 if name == MANIFEST_NAME:
-                    manifest_data = json.loads(source.read())
+                    if member.size > MAX_MANIFEST_BYTES:
+                        raise BackupError("manifest.json is too large")
+                    manifest_data = _parse_manifest(source.read())
                     continue
                 folder, _, file_name = name.partition("/")
                 if folder != STORES_DIR or not _SAFE_FILE.match(file_name):
                     raise BackupError(f"unexpected archive member {name!r}")
-                with (stores / file_name).open("xb") as target:
-                    shutil.copyfileobj(source, target)
+                _extract_member(source, stores / file_name)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise BackupError(f"{archive.name} is not a readable backup archive: {exc}") from None
-    except (UnicodeDecodeError, ValueError):
-        raise BackupError("manifest.json is not valid JSON") from None
     if manifest_data is None:
         raise BackupError(f"{archive.name} has no manifest.json")
     return Manifest.from_json(manifest_data)
+
+
+def _parse_manifest(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise BackupError("manifest.json is nested too deeply") from None
+    except (UnicodeDecodeError, ValueError):
+        raise BackupError("manifest.json is not valid JSON") from None
+
+
+def _extract_member(source: Any, target: Path) -> None:
+    """Copy one archive member into a new 0600 file; a write error is a one-line BackupError."""
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, STORE_FILE_MODE)
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(source, out)
+    except OSError as exc:
+        raise BackupError(
+            f"cannot unpack {target.name} into {target.parent.parent.parent}: {exc.strerror}"
+        ) from None
 
 
 def _verify_files(manifest: Manifest, stores: Path) -> None:
@@ -325,12 +522,13 @@ def _verify_files(manifest: Manifest, stores: Path) -> None:
 
 @dataclass
 class RestoreResult:
-    """What a restore replaced."""
+    """What a restore wrote: the files restored, the existing ones replaced or kept."""
 
     archive: str
     persist_dir: str
     files: list[FileEntry]
     replaced: list[str]
+    kept: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -349,34 +547,86 @@ def restore_archive(
     persist_dir: Path,
     *,
     force: bool = False,
+    only: Sequence[str] = (),
+    if_missing: bool = False,
     lock_timeout: float = 0.0,
     progress: Progress | None = None,
 ) -> RestoreResult:
-    """Verify an archive, then replace its store files in ``persist_dir`` atomically.
+    """Verify an archive, then put its store files in ``persist_dir``, each atomically.
 
-    Each file's one-writer lock is taken before anything is replaced; a store the
-    server holds open raises StoreInUse and nothing changes.
+    ``only`` restores just the files holding these store ids; ``if_missing`` just the
+    files that do not exist yet (the others are kept, not an error). Existing files
+    are replaced only with ``force``. Each file's one-writer lock is taken before
+    anything is replaced; a store the server holds open raises StoreInUse and nothing
+    changes. Any failure leaves every store as it was (the unpacked copies are
+    removed); the new files get the persist dir's owner and mode 0600.
     """
+    if force and if_missing:
+        raise BackupError("--force and --if-missing exclude each other")
+    problem = foreign_owner(persist_dir)
+    if problem is not None:
+        raise BackupError(problem)
     try:
-        persist_dir.mkdir(parents=True, exist_ok=True)
+        persist_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise BackupError(f"cannot create {persist_dir}: {exc.strerror}") from None
-    with extracted(archive, parent=persist_dir) as (manifest, stores):
-        targets = [persist_dir / entry.name for entry in manifest.files]
-        existing = [path.name for path in targets if path.exists()]
-        if existing and not force:
-            raise StoresExist(
-                f"{len(existing)} store file(s) already exist in {persist_dir} "
-                f"({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); "
-                "use --force to replace them"
-            )
+    with (
+        _directory_lock(persist_dir, f"another sds restore is running in {persist_dir}"),
+        contextlib.ExitStack() as stack,
+    ):
+        remove_leftovers(persist_dir, RESTORE_PREFIX)
+        manifest, stores = stack.enter_context(extracted(archive, parent=persist_dir))
+        entries = _selected(manifest, only, archive)
+        if if_missing:
+            kept = [e.name for e in entries if (persist_dir / e.name).exists()]
+            entries = [e for e in entries if e.name not in kept]
+        else:
+            kept = []
+        targets = [persist_dir / entry.name for entry in entries]
         with _locks(targets, lock_timeout):
-            for done, (entry, target) in enumerate(zip(manifest.files, targets, strict=True), 1):
-                _replace(stores / entry.name, target)
+            existing = [path.name for path in targets if path.exists()]
+            if existing and not force:
+                if if_missing:
+                    raise StoresExist(
+                        f"{', '.join(existing)} appeared while restoring; nothing restored"
+                    )
+                raise StoresExist(
+                    f"{len(existing)} store file(s) already exist in {persist_dir} "
+                    f"({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); "
+                    "use --force to replace them"
+                )
+            try:
+                for entry in entries:
+                    _stage(stores / entry.name, persist_dir)
+            except (OSError, MaintenanceError) as exc:
+                raise BackupError(f"cannot prepare the restored files: {exc}") from None
+            done: list[str] = []
+            for entry, target in zip(entries, targets, strict=True):
+                try:
+                    _replace(stores / entry.name, target)
+                except OSError as exc:
+                    raise BackupError(
+                        f"cannot replace {target.name}: {exc.strerror}; "
+                        + (f"already restored: {', '.join(done)}" if done else "nothing restored")
+                    ) from None
+                done.append(entry.name)
                 if progress is not None:
-                    progress(entry.name, done, len(targets))
-            _fsync_dir(persist_dir)
-    return RestoreResult(str(archive), str(persist_dir), manifest.files, existing)
+                    progress(entry.name, len(done), len(targets))
+            fsync_dir(persist_dir)
+    return RestoreResult(str(archive), str(persist_dir), entries, existing, kept)
+
+
+def _selected(manifest: Manifest, only: Sequence[str], archive: Path) -> list[FileEntry]:
+    """The manifest entries holding the store ids of ``only`` (every entry without it)."""
+    if not only:
+        return list(manifest.files)
+    wanted = set(only)
+    entries = [entry for entry in manifest.files if wanted & set(entry.store_ids)]
+    found = {one for entry in entries for one in entry.store_ids}
+    missing = sorted(wanted - found)
+    if missing:
+        raise BackupError(f"not in {archive.name}: store {', '.join(map(repr, missing))}")
+    return entries
 
 
 @contextlib.contextmanager
@@ -393,42 +643,58 @@ def _locks(targets: list[Path], timeout: float) -> Iterator[None]:
                 ) from None
             except OSError as exc:
                 raise BackupError(f"cannot lock {target.name}: {exc.strerror}") from None
+            try:
+                adopt_store_files(target)
+            except MaintenanceError as exc:
+                raise BackupError(str(exc)) from None
         yield
     finally:
         for fd in fds:
             os.close(fd)
 
 
-def _replace(source: Path, target: Path) -> None:
-    """Put ``source`` in place of ``target`` atomically; the old file's WAL cannot leak in."""
+def _stage(unpacked: Path, persist_dir: Path) -> None:
+    """Make an unpacked file ready to be renamed into place: owner, mode, on disk."""
+    adopt(unpacked, persist_dir)
+    fd = os.open(unpacked, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def _replace(staged: Path, target: Path) -> None:
+    """Put ``staged`` (same file system) in place of ``target``; the old WAL never meets it.
+
+    The old file's WAL is folded in first where that works (a full disk may refuse).
+    Its side files are then renamed aside, never deleted before the new file is in
+    place: if the rename of the new file fails they go back, and the old store is
+    exactly as it was; only once it is in place are they deleted.
+    """
     if target.exists():
-        # Fold the old WAL into the old file first: a crash before the rename then
-        # leaves the old store whole, and no stale WAL can be replayed onto the new one.
-        with contextlib.suppress(sqlite3.Error):
-            conn = sqlite3.connect(target, isolation_level=None)
+        with contextlib.suppress(sqlite3.Error, OSError):
+            conn = connect_sync(target)
             try:
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
                 conn.close()
-    for suffix in ("-wal", "-shm", "-journal"):
-        target.with_name(target.name + suffix).unlink(missing_ok=True)
-    staged = target.with_name(f".{target.name}.restoring")
-    shutil.copyfile(source, staged)
-    _fsync_file(staged)
-    os.replace(staged, target)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    moved: list[tuple[Path, Path]] = []
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        for suffix in SIDE_FILES:
+            side = target.with_name(target.name + suffix)
+            if side.exists() or side.is_symlink():
+                aside = target.with_name(f".{target.name}{suffix}.replaced")
+                os.replace(side, aside)
+                moved.append((aside, side))
+        os.replace(staged, target)
+    except OSError:
+        for aside, side in reversed(moved):
+            with contextlib.suppress(OSError):
+                os.replace(aside, side)
+        raise
+    for aside, _ in moved:
+        with contextlib.suppress(OSError):
+            aside.unlink()

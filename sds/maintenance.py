@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import stat
 import time
 import urllib.error
 import urllib.parse
@@ -27,9 +28,12 @@ from typing import Any
 from sds.storage import (
     OWN_BLOB_TABLES,
     SQLITE_VERSION,
+    STORE_FILE_MODE,
     LockRecord,
+    StoreBusy,
     StoreLocked,
     connect_sync,
+    lock_path,
     process_record,
     store_filename,
     try_lock,
@@ -110,6 +114,144 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise MaintenanceError(f"{path.name} is not a readable SQLite file: {exc}") from None
     return conn
+
+
+def foreign_owner(directory: Path) -> str | None:
+    """Why this process must not write files into ``directory``, or None.
+
+    Files a command writes into a persist dir must belong to the dir's owner (the
+    user the server runs as), or the server cannot open them. Root can hand them
+    over (``adopt``); any other user writing into a dir it does not own cannot.
+    """
+    try:
+        owner = directory.stat().st_uid
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot read {directory}: {exc.strerror}"
+    me = os.geteuid()
+    if me == 0 or owner == me:
+        return None
+    name = user_name(owner)
+    return (
+        f"{directory} belongs to {name}, not to the user running this command: "
+        f"run it as that user (sudo -u {name} ...) so the server can open the files"
+    )
+
+
+def user_name(uid: int) -> str:
+    """The login name of a uid, or the number."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def adopt(path: Path, directory: Path) -> None:
+    """Give a file this command wrote into a persist dir the dir's owner and mode 0600.
+
+    As root the file is handed to the dir's uid and gid (a restore or compaction run
+    with sudo must not leave root-owned files the server cannot write); otherwise
+    only the mode is set (``foreign_owner`` refused the other cases up front).
+    """
+    owner = directory.stat()
+    current = path.lstat()
+    root = os.geteuid() == 0
+    if root and (current.st_uid, current.st_gid) != (owner.st_uid, owner.st_gid):
+        os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
+    if stat.S_IMODE(current.st_mode) != STORE_FILE_MODE and (
+        root or current.st_uid == os.geteuid()
+    ):
+        os.chmod(path, STORE_FILE_MODE)
+
+
+def store_file_set(path: Path) -> list[Path]:
+    """A store file and its side files (WAL, shared memory, rollback journal, lock)."""
+    suffixes = (*SIDE_SUFFIXES, "-journal")
+    return [path, *(path.with_name(path.name + s) for s in suffixes), lock_path(path)]
+
+
+def adopt_store_files(path: Path) -> None:
+    """``adopt`` a store file and whichever of its side files exist."""
+    for candidate in store_file_set(path):
+        try:
+            if candidate.is_symlink() or not candidate.is_file():
+                continue
+            adopt(candidate, path.parent)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise MaintenanceError(
+                f"cannot give {candidate.name} the owner of {path.parent}: {exc.strerror}"
+            ) from None
+
+
+@dataclass
+class DeleteResult:
+    """The files ``delete_store`` removed."""
+
+    file: str
+    store_ids: list[str]
+    deleted: list[str]
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def delete_store(path: Path, *, confirm: Callable[[list[str]], bool] | None = None) -> DeleteResult:
+    """Delete a store file with its WAL, shared-memory, journal and lock files.
+
+    Refused (MaintenanceError) while another process, the server, holds the file's
+    one-writer lock. ``confirm(store_ids)`` is asked while the lock is held; False
+    leaves everything as it was.
+    """
+    if not path.is_file():
+        raise MaintenanceError(f"no store file {path}")
+    try:
+        fd = try_lock(path, timeout=0)
+    except StoreBusy:
+        raise MaintenanceError(
+            f"{path.name} is open in a running server: stop the server (or wait until "
+            "its clients have left and it released the file), then delete again"
+        ) from None
+    except OSError as exc:
+        raise MaintenanceError(f"cannot lock {path.name}: {exc.strerror}") from None
+    try:
+        try:
+            conn = connect_readonly(path)
+            try:
+                ids = store_ids(conn)
+            finally:
+                conn.close()
+        except (MaintenanceError, sqlite3.Error):
+            ids = []
+        if confirm is not None and not confirm(ids):
+            raise MaintenanceError(f"{path.name} was not deleted")
+        deleted = []
+        # The database first, the lock last: until the lock file goes, nothing opens it.
+        for candidate in store_file_set(path):
+            try:
+                candidate.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise MaintenanceError(f"cannot delete {candidate.name}: {exc.strerror}") from None
+            deleted.append(candidate.name)
+        fsync_dir(path.parent)
+    finally:
+        os.close(fd)
+    return DeleteResult(file=path.name, store_ids=ids, deleted=deleted)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames and deletions in a directory durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def is_store_file(path: Path) -> bool:
@@ -201,11 +343,18 @@ def file_bytes(path: Path) -> int:
 
 
 def last_write(path: Path) -> str | None:
-    """When the file (or its WAL) was last written, ISO 8601 UTC."""
+    """When the file or its WAL last took a commit (or a checkpoint), ISO 8601 UTC.
+
+    Call it before opening the file: a read-only open of a WAL database recreates an
+    empty ``-wal``, which says nothing about writes, so an empty WAL does not count.
+    """
     times = []
-    for candidate in (path, path.with_name(path.name + "-wal")):
-        with contextlib.suppress(FileNotFoundError):
-            times.append(candidate.stat().st_mtime)
+    with contextlib.suppress(FileNotFoundError):
+        times.append(path.stat().st_mtime)
+    with contextlib.suppress(FileNotFoundError):
+        wal = path.with_name(path.name + "-wal").stat()
+        if wal.st_size > 0:
+            times.append(wal.st_mtime)
     if not times:
         return None
     return dt.datetime.fromtimestamp(max(times), tz=dt.UTC).isoformat(timespec="seconds")
@@ -248,6 +397,7 @@ def store_figures(conn: sqlite3.Connection, store_id: str) -> StoreFigures:
 
 def inspect_file(path: Path, *, quick: bool = False) -> FileReport:
     """Every figure of one store file, read through a read-only connection."""
+    written = last_write(path)
     conn = connect_readonly(path)
     try:
         try:
@@ -267,7 +417,7 @@ def inspect_file(path: Path, *, quick: bool = False) -> FileReport:
         blob_bytes=blob_bytes,
         unowned_blobs=unowned,
         bytes=file_bytes(path),
-        last_write=last_write(path),
+        last_write=written,
         integrity=check,
     )
 
@@ -381,11 +531,10 @@ def compact_file(
         raise MaintenanceError(f"no store file {path}")
     before = file_bytes(path)
     try:
-        conn = sqlite3.connect(path, isolation_level=None)
+        conn = connect_sync(path)
     except sqlite3.Error as exc:
         raise MaintenanceError(f"cannot open {path.name}: {exc}") from None
     try:
-        conn.execute("PRAGMA busy_timeout=5000")
         ids = store_ids(conn)
         if store_id is not None:
             if store_id not in ids:
@@ -505,6 +654,9 @@ def compact_safely(
     operator said) must agree with the record, else MaintenanceError without asking.
     """
     deadline = time.monotonic() + wait
+    problem = foreign_owner(path.parent)
+    if problem is not None:
+        raise MaintenanceError(problem)
     while True:
         holder: LockRecord | None = None
         try:
@@ -515,7 +667,10 @@ def compact_safely(
             raise MaintenanceError(f"cannot lock {path.name}: {exc.strerror}") from None
         if fd is not None:
             try:
-                return compact_file(path, store_id=store_id, value_mode=value_mode)
+                adopt_store_files(path)  # the lock file this command may have created
+                result = compact_file(path, store_id=store_id, value_mode=value_mode)
+                adopt_store_files(path)  # any -wal/-shm it left
+                return result
             finally:
                 unlock(fd)
         if holder is None or holder.url is None:

@@ -292,11 +292,24 @@ def _read_record(fd: int) -> LockRecord | None:
         return None
 
 
+STORE_FILE_MODE = 0o600
+"""A new store file is readable by its owner alone (SQLite gives its -wal and -shm the same)."""
+
+
+def create_private(path: Path) -> None:
+    """Create an empty store file with mode 0600 unless it exists (SQLite reads it as empty)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(
+            os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, STORE_FILE_MODE)
+        )
+
+
 def connect_sync(path: Path, *, sync: str = "normal", readonly: bool = False) -> sqlite3.Connection:
     """Open a store file with the server's pragmas (used by the CLI and tests)."""
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
     else:
+        create_private(path)
         conn = sqlite3.connect(path, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={sync.upper()}")
@@ -388,8 +401,10 @@ class StoreFile:
                 None, lambda: try_lock(self.path, timeout=lock_timeout, record=record)
             )
         except OSError as exc:
+            log.error("cannot lock store file %s: %s", self.path.name, exc.strerror)
             raise StorageError(f"cannot lock {self.path.name}: {exc.strerror}") from None
         try:
+            await loop.run_in_executor(None, create_private, self.path)
             self._db = await aiosqlite.connect(
                 self.path, isolation_level=None, cached_statements=STATEMENT_CACHE
             )
@@ -397,7 +412,8 @@ class StoreFile:
             await self._db.execute(f"PRAGMA synchronous={self.sync.upper()}")
             await self._db.execute("PRAGMA busy_timeout=5000")
             await self._db.executescript(SCHEMA)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
+            log.error("cannot open store file %s: %s", self.path.name, exc)
             await self.close()
             raise StorageError(f"cannot open {self.path.name}: {exc}") from None
         self.metrics.store_files_open += 1

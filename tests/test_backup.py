@@ -240,3 +240,262 @@ async def test_backup_while_a_writer_streams_restores_to_a_replayable_prefix(
         replayed = await joiner.receive_all(0.5)
     assert len(replayed) >= committed_before_backup
     assert replayed == sent[: len(replayed)]
+
+
+def _old_archives(out: Path, names: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (out / name).write_bytes(b"old")
+
+
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_backup_keep_prunes_only_older_sds_archives(tmp_path: Path, how: str) -> None:
+    source = _stores(tmp_path / "stores")
+    out = tmp_path / "backups"
+    old = [
+        "sds-backup-20200101T000000Z.tar.gz",
+        "sds-backup-20200102T000000Z.tar.gz",
+        "sds-backup-20200102T000000Z-1.tar.gz",
+    ]
+    _old_archives(out, old)
+    others = ["notes.txt", "sds-backup-notes.tar.gz", "other-20200101T000000Z.tar.gz"]
+    _old_archives(out, others)
+    args = ["backup", "--out", str(out), "--json"]
+    env = clean_env(SDS_PERSIST_DIR=str(source))
+    if how == "option":
+        args += ["--keep", "2"]
+    else:
+        env["SDS_BACKUP_KEEP"] = "2"
+    result = run_sds(*args, env=env)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    new = Path(data["archive"])
+    assert data["verified"] is True
+    assert sorted(Path(p).name for p in data["pruned"]) == old[:2]
+    left = sorted(p.name for p in out.iterdir())
+    assert left == sorted([*others, old[2], new.name])
+
+
+def test_backup_keep_prunes_nothing_when_a_store_could_not_be_copied(tmp_path: Path) -> None:
+    source = _stores(tmp_path / "stores")
+    (source / "broken.db").write_bytes(b"garbage" * 100)
+    out = tmp_path / "backups"
+    old = ["sds-backup-20200101T000000Z.tar.gz", "sds-backup-20200102T000000Z.tar.gz"]
+    _old_archives(out, old)
+    result = run_sds(
+        "backup", "--out", str(out), "--keep", "1", env=clean_env(SDS_PERSIST_DIR=str(source))
+    )
+    assert result.returncode == 1
+    one_error_line(result)
+    assert set(old) <= {p.name for p in out.glob(ARCHIVE_GLOB)}
+
+
+def test_backup_keep_must_be_positive(tmp_path: Path) -> None:
+    source = _stores(tmp_path / "stores")
+    for bad in (["--keep", "0"], ["--keep", "x"]):
+        result = run_sds(
+            "backup", "--out", str(tmp_path / "b"), *bad, env=clean_env(SDS_PERSIST_DIR=str(source))
+        )
+        assert result.returncode == 2
+    env = clean_env(SDS_PERSIST_DIR=str(source), SDS_BACKUP_KEEP="-3")
+    assert run_sds("backup", "--out", str(tmp_path / "b"), env=env).returncode == 2
+
+
+def test_the_next_backup_removes_what_a_killed_run_left(tmp_path: Path) -> None:
+    source = _stores(tmp_path / "stores")
+    out = tmp_path / "backups"
+    out.mkdir()
+    # What a run killed mid-way leaves: its work dir with full-size copies, a partial archive.
+    work = out / ".sds-backup-k1ll3d"
+    (work / "stores").mkdir(parents=True)
+    (work / "stores" / "notes.db").write_bytes(b"x" * 100_000)
+    (out / ".sds-backup-20200101T000000Z.tar.gz.partial").write_bytes(b"y" * 100_000)
+    (out / ".keep-me").write_text("not ours")
+    (out / "notes.txt").write_text("not ours")
+    result = run_sds(
+        "backup", "--out", str(out), "--json", env=clean_env(SDS_PERSIST_DIR=str(source))
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(json.loads(result.stdout)["removed_leftovers"]) == [
+        ".sds-backup-20200101T000000Z.tar.gz.partial",
+        ".sds-backup-k1ll3d",
+    ]
+    names = sorted(p.name for p in out.iterdir())
+    assert names[:2] == [".keep-me", "notes.txt"]
+    assert len(names) == 3 and names[2].startswith("sds-backup-")
+
+
+def test_leftovers_of_a_running_backup_are_not_touched(tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    source = _stores(tmp_path / "stores")
+    out = tmp_path / "backups"
+    (out / ".sds-backup-running").mkdir(parents=True)
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # what a backup in progress holds
+        result = run_sds("backup", "--out", str(out), env=clean_env(SDS_PERSIST_DIR=str(source)))
+    finally:
+        os.close(fd)
+    assert result.returncode == 1
+    assert "another sds backup" in one_error_line(result)
+    assert (out / ".sds-backup-running").is_dir()
+
+
+def test_a_backup_subprocess_killed_mid_run_is_cleaned_up_by_the_next(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.helpers import SDS
+
+    source = tmp_path / "stores"
+    source.mkdir()
+    for n in range(20):
+        write_store(source / f"s{n}.db", f"s{n}", [os.urandom(2000) for _ in range(150)])
+    out = tmp_path / "backups"
+    process = subprocess.Popen(
+        [*SDS, "backup", "--out", str(out)],
+        env=clean_env(SDS_PERSIST_DIR=str(source)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            work = list(out.glob(".sds-backup-*/stores/*.db")) if out.exists() else []
+            if len(work) >= 2:
+                break
+            time.sleep(0.01)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+    leftovers = list(out.glob(".sds-backup-*"))
+    if not leftovers:
+        pytest.skip("the backup finished before it could be killed")
+    result = run_sds("backup", "--out", str(out), env=clean_env(SDS_PERSIST_DIR=str(source)))
+    assert result.returncode == 0, result.stderr
+    assert not list(out.glob(".sds-backup-*"))
+    assert len(list(out.glob(ARCHIVE_GLOB))) == 1
+
+
+def _with_manifest(tmp_path: Path, text: str) -> Path:
+    source = _stores(tmp_path / "stores")
+    archive = create_backup(source, tmp_path / "backups").archive
+    bad = tmp_path / "bad.tar.gz"
+    _rewrite(archive, bad, lambda name, data: text.encode() if name == "manifest.json" else data)
+    return bad
+
+
+def _manifest_variants() -> dict[str, str]:
+    good = {
+        "format": 1,
+        "created": "2025-01-01T00:00:00Z",
+        "sqlite_version": "3",
+        "sds_version": "1",
+        "files": [
+            {
+                "name": "a_b.db",
+                "store_ids": ["a/b"],
+                "rows": {"patches": 1},
+                "sha256": "0",
+                "bytes": 1,
+            }
+        ],
+    }
+
+    def variant(**change: object) -> str:
+        data = json.loads(json.dumps(good))
+        for path, value in change.items():
+            *parents, last = path.split("__")
+            node = data
+            for key in parents:
+                node = node[int(key)] if isinstance(node, list) else node[key]
+            node[last] = value
+        return json.dumps(data)
+
+    return {
+        "deeply_nested": "[" * 100_000 + "]" * 100_000,
+        "nested_in_files": variant(files=json.loads("[" * 50 + "]" * 50)),
+        "huge_float": variant(files__0__bytes=1e300).replace("1e+300", "1e400"),
+        "huge_int": variant(files__0__bytes=2**70),
+        "nan": variant().replace('"bytes": 1', '"bytes": NaN'),
+        "row_count_string": variant(files__0__rows={"patches": "3"}),
+        "format_true": variant(format=True),
+        "not_an_object": "[1, 2, 3]",
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_manifest_variants()))
+def test_a_malformed_manifest_is_one_clear_line_for_verify_and_restore(
+    tmp_path: Path, case: str
+) -> None:
+    bad = _with_manifest(tmp_path, _manifest_variants()[case])
+    with pytest.raises(BackupError):
+        verify_archive(bad)
+    verify = run_sds("backup", "verify", str(bad))
+    assert verify.returncode == 1
+    assert "manifest" in one_error_line(verify)
+    target = tmp_path / "target"
+    restore = run_sds("restore", str(bad), env=clean_env(SDS_PERSIST_DIR=str(target)))
+    assert restore.returncode == 1
+    one_error_line(restore)
+    assert db_digests(target) == {}
+
+
+def test_restore_one_store_leaves_the_others_alone(tmp_path: Path) -> None:
+    source = _stores(tmp_path / "stores")
+    archive = create_backup(source, tmp_path / "backups").archive
+    write_store(source / "notes.db", "notes", [b"after the backup"])
+    write_store(source / "a_b.db", "a/b", [b"after the backup"])
+    a_b_before = db_digests(source)["a_b.db"]
+    env = clean_env(SDS_PERSIST_DIR=str(source))
+    result = run_sds("restore", str(archive), "--store", "notes", "--force", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [entry["name"] for entry in data["files"]] == ["notes.db"]
+    assert data["replaced"] == ["notes.db"]
+    assert b"after the backup" not in [row[2] for row in all_rows(source / "notes.db")["patches"]]
+    assert db_digests(source)["a_b.db"] == a_b_before
+    unknown = run_sds("restore", str(archive), "--store", "nope", "--force", env=env)
+    assert unknown.returncode == 1
+    assert "nope" in one_error_line(unknown)
+    assert db_digests(source)["a_b.db"] == a_b_before
+
+
+def test_restore_if_missing_restores_only_absent_stores(tmp_path: Path) -> None:
+    source = _stores(tmp_path / "stores")
+    archive = create_backup(source, tmp_path / "backups").archive
+    target = tmp_path / "target"
+    target.mkdir()
+    write_store(target / "notes.db", "notes", [b"newer than the backup"])
+    notes_before = db_digests(target)["notes.db"]
+    env = clean_env(SDS_PERSIST_DIR=str(target))
+    first = run_sds("restore", str(archive), "--if-missing", "--json", env=env)
+    assert first.returncode == 0, first.stderr
+    data = json.loads(first.stdout)
+    assert [entry["name"] for entry in data["files"]] == ["a_b.db"]
+    assert data["kept"] == ["notes.db"]
+    assert db_digests(target)["notes.db"] == notes_before
+    assert all_rows(target / "a_b.db") == all_rows(source / "a_b.db")
+    again = run_sds("restore", str(archive), "--if-missing", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to restore" in again.stdout
+    both = run_sds("restore", str(archive), "--if-missing", "--force", env=env)
+    assert both.returncode == 2
+    one_error_line(both)
+
+
+def test_the_next_restore_removes_what_a_killed_restore_left(tmp_path: Path) -> None:
+    source = _stores(tmp_path / "stores")
+    archive = create_backup(source, tmp_path / "backups").archive
+    target = tmp_path / "target"
+    unpacked = target / ".sds-restore-k1ll3d" / "stores"
+    unpacked.mkdir(parents=True)
+    (unpacked / "notes.db").write_bytes(b"x" * 100_000)
+    result = run_sds("restore", str(archive), env=clean_env(SDS_PERSIST_DIR=str(target)))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in target.iterdir() if p.name.startswith(".")) == []
+    assert all_rows(target / "notes.db") == all_rows(source / "notes.db")

@@ -222,3 +222,19 @@ def test_store_list_on_a_narrow_terminal_wraps_values_instead_of_cutting_them(
     assert "…" not in text
     rows = [line.split("│") for line in text.splitlines() if line.startswith("│")]
     assert "".join(cells[2].strip() for cells in rows) == LONG_ID
+
+
+def test_store_list_last_write_is_the_last_commit_not_the_listing(tmp_path: Path) -> None:
+    directory = tmp_path / "stores"
+    directory.mkdir()
+    write_store(directory / "old.db", "old", [b"a"])
+    long_ago = 1577836800  # 2020-01-01T00:00:00Z
+    os.utime(directory / "old.db", (long_ago, long_ago))
+    for _ in range(2):  # the first listing's read-only open recreates an empty -wal
+        code, output = _invoke("store", "list", "--json", persist=directory)
+        assert code == 0, output
+        (report,) = json.loads(output)["files"]
+        assert report["last_write"] == "2020-01-01T00:00:00+00:00"
+    write_store(directory / "old.db", "old", [b"b"])
+    code, output = _invoke("store", "list", "--json", persist=directory)
+    assert not json.loads(output)["files"][0]["last_write"].startswith("2020")

@@ -14,6 +14,7 @@ from sds.cli.options import config_from, fail, print_table, setting_options
 from sds.cli.store import human_bytes, json_option, persist_dir_of
 
 BACKUP_DIR_ENV = "SDS_BACKUP_DIR"
+BACKUP_KEEP_ENV = "SDS_BACKUP_KEEP"
 
 
 @click.group(invoke_without_command=True)
@@ -24,22 +25,37 @@ BACKUP_DIR_ENV = "SDS_BACKUP_DIR"
     envvar=BACKUP_DIR_ENV,
     help=f"Directory for the archive (created if needed). [env var: {BACKUP_DIR_ENV}]",
 )
+@click.option(
+    "--keep",
+    type=click.IntRange(min=1),
+    envvar=BACKUP_KEEP_ENV,
+    default=None,
+    metavar="N",
+    help="After a run that archived every store: verify the new archive, then delete all "
+    f"but the newest N sds-backup-* archives of the directory. [env var: {BACKUP_KEEP_ENV}]",
+)
 @json_option
 @setting_options("persist_dir", secret=False)
 @click.pass_context
-def backup(ctx: click.Context, /, out_dir: Path | None, as_json: bool, **options: Any) -> None:
+def backup(
+    ctx: click.Context, /, out_dir: Path | None, keep: int | None, as_json: bool, **options: Any
+) -> None:
     """Back up every store into one timestamped archive (online, consistent).
 
     Each store file is copied with SQLite's backup API from a read-only
     connection, so the copy is consistent while the server keeps writing. The
-    archive sds-backup-YYYYmmddTHHMMSSZ.tar.gz holds the copies and manifest.json
-    (store ids, row counts, sha256 per file, SQLite version, time); it is written
-    under a temporary name and renamed when complete. Exit 1 if any store file
-    could not be copied (the others are still archived).
+    archive sds-backup-YYYYmmddTHHMMSSZ.tar.gz (mode 0600) holds the copies and
+    manifest.json (store ids, row counts, sha256 per file, SQLite version, time);
+    it is written under a temporary name and renamed when complete. Temporary
+    files a killed run left in the directory are removed. With --keep N the new
+    archive is verified and only the newest N archives are kept (other files in
+    the directory are never touched). Exit 1 if any store file could not be
+    copied (the others are still archived, nothing is pruned).
 
     \b
     Examples:
       sds backup --out /var/backups/sds --persist-dir /var/lib/sds
+      SDS_PERSIST_DIR=/var/lib/sds sds backup --out /var/backups/sds --keep 14
       SDS_PERSIST_DIR=/var/lib/sds sds backup --out /var/backups/sds --json
       sds backup verify /var/backups/sds/sds-backup-20250101T030000Z.tar.gz
     """
@@ -53,7 +69,7 @@ def backup(ctx: click.Context, /, out_dir: Path | None, as_json: bool, **options
     directory = persist_dir_of(config)
     try:
         with _progress("backing up", as_json) as progress:
-            result = create_backup(directory, out_dir, progress=progress)
+            result = create_backup(directory, out_dir, keep=keep, progress=progress)
     except BackupError as exc:
         fail(str(exc))
         return
@@ -64,6 +80,8 @@ def backup(ctx: click.Context, /, out_dir: Path | None, as_json: bool, **options
         size = human_bytes(result.archive.stat().st_size)
         stores = sum(len(entry.store_ids) for entry in manifest.files)
         click.echo(f"{result.archive}  ({len(manifest.files)} files, {stores} stores, {size})")
+        for path in result.pruned:
+            click.echo(f"pruned {path}")
     if manifest.skipped:
         names = ", ".join(item["name"] for item in manifest.skipped)
         fail(f"{len(manifest.skipped)} store file(s) could not be backed up: {names}")
@@ -100,39 +118,77 @@ def backup_verify(archive: Path, as_json: bool) -> None:
 @click.command()
 @click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Replace store files that already exist.")
+@click.option(
+    "--store",
+    "only",
+    metavar="ID",
+    multiple=True,
+    help="Restore only the file of this store (repeatable). Store ids whose names map "
+    "to the same file come with it.",
+)
+@click.option(
+    "--if-missing",
+    is_flag=True,
+    help="Restore only the store files that do not exist; keep the others (exit 0 when "
+    "there is nothing to do). For a restore at boot.",
+)
 @json_option
 @setting_options("persist_dir", secret=False)
-def restore(archive: Path, force: bool, as_json: bool, **options: Any) -> None:
+def restore(
+    archive: Path,
+    force: bool,
+    only: tuple[str, ...],
+    if_missing: bool,
+    as_json: bool,
+    **options: Any,
+) -> None:
     """Restore an archive into the persist dir (verified first; atomic per file).
 
     The archive is verified (sha256, integrity_check, row counts) before any file
     is touched. Existing store files are only replaced with --force. Each file is
     replaced under its one-writer lock: if a running server has a store of the
     archive open, nothing is restored and the command exits 1 (stop the server, or
-    wait until it has released the store).
+    wait until it has released the store). A failed restore (a full disk, say)
+    leaves every store as it was. Restored files get the owner of the persist dir
+    (when run as root) and mode 0600; another user than the dir's owner is refused.
 
     \b
     Examples:
       sds restore /var/backups/sds/sds-backup-20250101T030000Z.tar.gz --persist-dir /var/lib/sds
+      sds restore ARCHIVE --store notes --force
+      sds restore ARCHIVE --if-missing          # at boot: only what is not there
       SDS_PERSIST_DIR=/srv/sds-restore-drill sds restore ARCHIVE --json
     """
+    if force and if_missing:
+        raise click.UsageError("--force and --if-missing exclude each other")
     from sds.backup import BackupError, restore_archive
 
     config = config_from(options, require_secret=False)
     directory = persist_dir_of(config)
     try:
         with _progress("restoring", as_json) as progress:
-            result = restore_archive(archive, directory, force=force, progress=progress)
+            result = restore_archive(
+                archive,
+                directory,
+                force=force,
+                only=only,
+                if_missing=if_missing,
+                progress=progress,
+            )
     except BackupError as exc:
         fail(str(exc))
         return
     if as_json:
         click.echo(json.dumps(result.as_json(), indent=2))
         return
+    if not result.files:
+        click.echo(f"nothing to restore: all {len(result.kept)} store file(s) exist in {directory}")
+        return
     stores = sum(len(entry.store_ids) for entry in result.files)
     click.echo(
         f"restored {len(result.files)} files ({stores} stores) into {directory}"
         + (f", replacing {len(result.replaced)}" if result.replaced else "")
+        + (f", keeping {len(result.kept)} that exist" if result.kept else "")
     )
 
 

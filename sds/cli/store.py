@@ -335,3 +335,54 @@ def _print_compaction(results: list[dict[str, Any]]) -> None:
         for result in results
     ]
     print_table(columns, rows)
+
+
+@store.command("delete")
+@click.argument("target", metavar="ID|FILE")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+@setting_options("persist_dir", secret=False)
+def store_delete(target: str, yes: bool, as_json: bool, **options: Any) -> None:
+    """Delete a store: its file with the -wal, -shm, journal and lock files.
+
+    Refused (exit 1) while a running server holds the store (the command takes the
+    same lock as the server). Asks for confirmation unless --yes; a file that also
+    holds other store ids (ids whose names map to the same file) is only deleted
+    when named by its path. Take a backup first: this cannot be undone.
+
+    \b
+    Examples:
+      sds store delete notes --persist-dir /var/lib/sds
+      sds store delete notes --yes --json
+      sds store delete /var/lib/sds/a_b.db --yes
+    """
+    from sds.maintenance import MaintenanceError, delete_store, resolve_store
+
+    config = config_from(options, require_secret=False)
+
+    def confirm(ids: list[str]) -> bool:
+        others = [one for one in ids if one != store_id]
+        if store_id is not None and others:
+            raise MaintenanceError(
+                f"{path.name} also holds store {', '.join(map(repr, others))}; "
+                f"name the file ({path}) to delete them all"
+            )
+        if yes:
+            return True
+        held = ", ".join(map(repr, ids)) or "no store rows"
+        try:
+            return click.confirm(f"Delete {path} ({held})?", default=False, err=True)
+        except click.Abort:
+            click.echo("", err=True)  # end the prompt's line
+            return False
+
+    try:
+        path, store_id = resolve_store(config.persist_dir, target)
+        result = delete_store(path, confirm=confirm)
+    except MaintenanceError as exc:
+        fail(str(exc))
+        return
+    if as_json:
+        click.echo(json.dumps(result.as_json(), indent=2))
+    else:
+        click.echo(f"deleted {', '.join(result.deleted)}")
