@@ -11,8 +11,21 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 
-from sds.admin_api import compact_handler
-from sds.appkeys import CONFIG, METRICS, RELAY, SIGNALLING, STATE, STORAGE, ServerState
+from concurrent.futures import ThreadPoolExecutor
+
+from sds.admin_api import MAINTENANCE_THREADS, compact_handler
+from sds.appkeys import (
+    CONFIG,
+    MAINTENANCE,
+    METRICS,
+    RELAY,
+    SIGNALLING,
+    STATE,
+    STORAGE,
+    TASKS,
+    ServerState,
+)
+from sds.background import Tasks
 from sds.auth import AuthFailures
 from sds.chunks import ChunkBudget
 from sds.config import Config, check_persist_dir
@@ -27,6 +40,8 @@ from sds.ws_handler import ws_handler
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_SECONDS = 1.0
+TASKS_GRACE_SECONDS = 1.0
+"""How long background tasks may finish on their own at shutdown before they are cancelled."""
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -59,6 +74,7 @@ def create_app(config: Config) -> web.Application:
         chunk_budget=ChunkBudget(config.max_chunk_bytes_total),
     )
     app[SIGNALLING] = Signalling(max_peers_per_room=config.max_connections_per_store)
+    app[TASKS] = Tasks()
     app.cleanup_ctx.append(_storage_and_relay)
     app.on_shutdown.append(_close_clients)
     # The rest of the path is the store id: SDS clients do not percent-encode it,
@@ -75,6 +91,10 @@ def create_app(config: Config) -> web.Application:
 async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     metrics = app[METRICS]
+    tasks = app[TASKS]
+    app[MAINTENANCE] = maintenance = ThreadPoolExecutor(
+        MAINTENANCE_THREADS, thread_name_prefix="sds-maintenance"
+    )
     storage = None
     if config.persist_dir is not None:
         check_persist_dir(config.persist_dir)
@@ -85,6 +105,7 @@ async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
             max_open=config.max_open_stores,
             close_grace=config.store_close_grace,
             metrics=metrics,
+            tasks=tasks,
         )
     app[STORAGE] = storage
     app[RELAY] = Relay(
@@ -92,6 +113,11 @@ async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
         max_connections_per_store=config.max_connections_per_store,
         storage=storage,
         metrics=metrics,
+        max_pending_bytes_per_store=config.max_pending_bytes_per_store,
+        max_pending_bytes_total=config.max_pending_bytes_total,
+        max_catchup_bytes_per_client=config.max_catchup_bytes_per_client,
+        max_catchup_bytes_total=config.max_catchup_bytes_total,
+        tasks=tasks,
     )
     sweeper = asyncio.create_task(_housekeeping(app))
     try:
@@ -101,9 +127,11 @@ async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper
         app[STATE].auth_failures.flush()
+        await tasks.drain(TASKS_GRACE_SECONDS)
         if storage is not None:
             await storage.close()
             log.info("storage flushed and closed")
+        maintenance.shutdown(wait=False, cancel_futures=True)
 
 
 async def _housekeeping(app: web.Application) -> None:
@@ -174,6 +202,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
     if storage is not None:
         # A gauge read when scraped: counting it per write would cost on the hot path.
         metrics.commit_queue_depth = storage.queued_writes()
+    metrics.pending_bytes = request.app[RELAY].pending.used
     body = render_prometheus(metrics)
     return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
 

@@ -29,6 +29,11 @@ class Metrics:
     commit_queue_depth: int = 0
     stores_open: int = 0
     store_files_open: int = 0
+    pending_bytes: int = 0
+    writer_pauses: Counter[str] = field(default_factory=Counter)
+    catchup_bytes: int = 0
+    catchup_waits: int = 0
+    catchup_timeouts: int = 0
 
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -105,6 +110,32 @@ def render_prometheus(metrics: Metrics) -> str:
                     "sds_storage_queue_depth",
                     "Writes waiting for their commit.",
                     m.commit_queue_depth,
+                ),
+                gauge(
+                    "sds_pending_bytes",
+                    "Bytes of frames waiting for their commit, all stores.",
+                    m.pending_bytes,
+                ),
+                by_reason(
+                    "sds_writer_pauses",
+                    "Times a writer was not read because too much waited for commit, "
+                    "by bound (store, total).",
+                    m.writer_pauses,
+                ),
+                gauge(
+                    "sds_catchup_bytes",
+                    "Bytes of catch-up pages held for joiners.",
+                    m.catchup_bytes,
+                ),
+                counter(
+                    "sds_catchup_waits",
+                    "Catch-up pages that waited for room in the catch-up budget.",
+                    m.catchup_waits,
+                ),
+                counter(
+                    "sds_catchup_timeouts",
+                    "Joiners closed with 1013 after waiting too long for catch-up room.",
+                    m.catchup_timeouts,
                 ),
             ]
 

@@ -13,7 +13,6 @@ from aiohttp import WSMsgType, web
 
 from sds.appkeys import CONFIG, RELAY, STATE, ServerState
 from sds.auth import admit, http_error
-from sds.background import spawn
 from sds.chunks import ChunkAssembler
 from sds.protocol import (
     KEY_BYTES,
@@ -152,7 +151,7 @@ def handle_frame(store: LiveStore, client: Client, data: bytes) -> None:
     else:
         store.relay(data, client)
         if msg_type == REQ_VALUE and len(data) >= 1 + KEY_BYTES:
-            spawn(_answer_value_request(store, client, data[1 : 1 + KEY_BYTES].hex()))
+            client.spawn(_answer_value_request(store, client, data[1 : 1 + KEY_BYTES].hex()))
 
 
 def _chunk_value(client: Client, data: bytes) -> tuple[str, bytes] | None:
