@@ -6,12 +6,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
-
-from concurrent.futures import ThreadPoolExecutor
 
 from sds.admin_api import MAINTENANCE_THREADS, compact_handler
 from sds.appkeys import (
@@ -25,8 +24,8 @@ from sds.appkeys import (
     TASKS,
     ServerState,
 )
-from sds.background import Tasks
 from sds.auth import AuthFailures
+from sds.background import Tasks
 from sds.chunks import ChunkBudget
 from sds.config import Config, check_persist_dir
 from sds.logs import redact_access_log

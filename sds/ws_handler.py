@@ -116,7 +116,7 @@ async def _read_frames(ws: web.WebSocketResponse, store: LiveStore, client: Clie
             if client.closing:
                 continue
             handle_frame(store, client, data)
-            if store.full:
+            if store.full or store.total.full:
                 await store.wait_for_room()
         elif msg.type is WSMsgType.TEXT:
             metrics.frames_dropped["text"] += 1
