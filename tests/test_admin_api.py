@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 import aiohttp
 
+from sds.admin_api import MAINTENANCE_THREADS
+from sds.appkeys import MAINTENANCE
 from sds.client import StoreClient
 from sds.maintenance import distinct_in_order
 from tests.conftest import SECRET, RunningServer, ServerFactory
@@ -161,3 +164,31 @@ async def test_store_client_sees_no_gap_after_compaction(persistent_server: Runn
         await writer.send(b"\x01three")
         assert await late.receive(timeout=5) == b"\x01three"
     assert await _joiner_view(server, "seam") == [b"\x01one", b"\x01two", b"\x01three"]
+
+
+async def test_a_new_store_opens_while_compactions_and_the_default_threads_are_busy(
+    persistent_server: RunningServer,
+) -> None:
+    server = persistent_server
+    await _write_all(server, "busy", [b"\x01x", b"\x01x"])
+    loop = asyncio.get_running_loop()
+    release = threading.Event()
+    # Compactions in flight fill the maintenance threads; other blocking work fills
+    # the default executor (where store opens used to queue behind compactions).
+    blockers = [
+        loop.run_in_executor(server.app[MAINTENANCE], release.wait, 30.0)
+        for _ in range(MAINTENANCE_THREADS)
+    ]
+    blockers += [loop.run_in_executor(None, release.wait, 30.0) for _ in range(32)]
+    try:
+        compaction = asyncio.create_task(_post(server, "busy", server.token("busy", "admin")))
+        writer = await asyncio.wait_for(server.connect("fresh", sub="w"), 10)
+        reader = await asyncio.wait_for(server.connect("fresh", scope="read", sub="r"), 10)
+        await writer.send(b"\x01new store works")
+        assert await reader.receive(timeout=10) == b"\x01new store works"
+        assert not compaction.done(), "the compaction waits for a maintenance thread"
+    finally:
+        release.set()
+    response = await asyncio.wait_for(compaction, 20)
+    assert response.status == 200
+    await asyncio.gather(*blockers)
