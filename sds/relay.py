@@ -23,6 +23,7 @@ and in all joiners together; a joiner past it waits its turn).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -674,13 +675,13 @@ class Relay:
                 self.metrics.catchup_waits = self.catchup.waits
                 self.metrics.catchup_bytes = self.catchup.used
 
+        history = store.log.history(upto, page_bytes=self.catchup_page_bytes, reserve=reserve)
         try:
-            async for page in store.log.history(
-                upto, page_bytes=self.catchup_page_bytes, reserve=reserve
-            ):
-                if client.gone():
-                    break
-                await client.send_history(page)
+            async with contextlib.aclosing(history):
+                async for page in history:
+                    if client.gone():
+                        break
+                    await client.send_history(page)
         except StorageError as exc:
             log.error("store %s: catch-up failed: %s", store.store_id, exc)
             client.close(CLOSE_INTERNAL_ERROR, "storage failure")

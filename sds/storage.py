@@ -26,7 +26,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -530,7 +530,7 @@ class StoreLog:
         *,
         page_bytes: int,
         reserve: Callable[[int], Awaitable[None]],
-    ) -> AsyncIterator[list[tuple[bytes, bytes]]]:
+    ) -> AsyncGenerator[list[tuple[bytes, bytes]], None]:
         """The stored frames up to clock ``upto`` in pages: the snapshot as VALUE, then patches.
 
         A frame is a (type byte, payload) pair, not joined (the payload is not copied).
@@ -583,6 +583,7 @@ class Storage:
         """Where lock waits run: serving never queues behind maintenance or other blocking work."""
         self._files: dict[str, StoreFile] = {}
         self._opening: dict[str, asyncio.Future[StoreFile]] = {}
+        self._closing: set[asyncio.Future[None]] = set()
 
     def path_of(self, store_id: str) -> Path:
         return self.directory / store_filename(store_id)
@@ -656,10 +657,17 @@ class Storage:
             file.close_handle = None
         if self._files.get(file.path.name) is file:
             del self._files[file.path.name]
-        await file.close()
+        # Shielded and tracked: a cancelled idle close (shutdown) still finishes, and
+        # ``close`` waits for it.
+        closing = asyncio.ensure_future(file.close())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+        await asyncio.shield(closing)
 
     async def close(self) -> None:
         """Flush and close every file (shutdown)."""
         for file in list(self._files.values()):
             await self._close_file(file)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         self.open_executor.shutdown(wait=False, cancel_futures=True)
