@@ -78,8 +78,12 @@ class PendingBytes:
         self._room.set()
 
     def add(self, size: int) -> None:
-        used = self.used = self.used + size
-        if used >= self.limit and not self.full:
+        self.used += size
+        self.check()
+
+    def check(self) -> None:
+        """Mark the count full when it reached the limit (after ``used`` grew directly)."""
+        if self.used >= self.limit and not self.full:
             self.full = True
             self._room.clear()
 

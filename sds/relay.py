@@ -347,13 +347,12 @@ async def accept_client(
 class Waiting:
     """Frames of one sender that wait for one commit, and for everything queued before them."""
 
-    __slots__ = ("commit", "frames", "sender", "size", "writes")
+    __slots__ = ("commit", "frames", "sender", "writes")
 
     def __init__(self, commit: Commit, sender: Any, data: bytes, *, writes: bool) -> None:
         self.commit = commit
         self.sender = sender
         self.frames = [data]
-        self.size = len(data)
         self.writes = writes
 
 
@@ -364,6 +363,25 @@ class LiveStore:
     ``add_client``, ``remove_client``, ``is_empty`` and ``broadcast(data, sender)``,
     where a client is anything with ``send(data: bytes)``.
     """
+
+    __slots__ = (
+        "_clients",
+        "_drained_callbacks",
+        "_queue",
+        "_queued",
+        "_queued_bytes",
+        "_room",
+        "_tail",
+        "_watched",
+        "full",
+        "idle_handle",
+        "log",
+        "max_pending_bytes",
+        "metrics",
+        "relayed_clock",
+        "store_id",
+        "total",
+    )
 
     def __init__(
         self,
@@ -447,7 +465,6 @@ class LiveStore:
             return
         if tail.sender is sender:
             tail.frames.append(data)
-            tail.size += len(data)
             self._queued += 1
         else:
             self._wait(tail.commit, sender, data, writes=False)
@@ -459,23 +476,36 @@ class LiveStore:
         A write whose commit fails is never relayed and its sender is closed with
         1011 (with the frames it sent after it that waited for the same commit).
         """
+        size = len(data)
         tail = self._tail
         if tail is not None and tail.sender is sender and tail.commit is commit:
             tail.frames.append(data)
-            tail.size += len(data)
             tail.writes = True
             self._queued += 1
         else:
             self._wait(commit, sender, data, writes=True)
-        self._count(len(data))
+        # The hot path: plain arithmetic, a method call only at a bound.
+        queued_bytes = self._queued_bytes = self._queued_bytes + size
+        total = self.total
+        used = total.used = total.used + size
+        if (
+            queued_bytes >= self.max_pending_bytes
+            or self._queued >= QUEUE_HIGH_WATER
+            or used >= total.limit
+        ):
+            self._at_bound()
 
     def _count(self, size: int) -> None:
         """``size`` more bytes wait for a commit: past a bound, writers stop being read."""
-        queued_bytes = self._queued_bytes = self._queued_bytes + size
-        self.total.add(size)
-        if self._queued >= QUEUE_HIGH_WATER or queued_bytes >= self.max_pending_bytes:
+        self._queued_bytes += size
+        self.total.used += size
+        self._at_bound()
+
+    def _at_bound(self) -> None:
+        if self._queued >= QUEUE_HIGH_WATER or self._queued_bytes >= self.max_pending_bytes:
             self.full = True
             self._room.clear()
+        self.total.check()
 
     def _wait(self, commit: Commit, sender: Any, data: bytes, *, writes: bool) -> None:
         tail = self._tail = Waiting(commit, sender, data, writes=writes)
@@ -495,8 +525,9 @@ class LiveStore:
                 break
             queue.popleft()
             self._queued -= len(waiting.frames)
-            self._queued_bytes -= waiting.size
-            self.total.remove(waiting.size)
+            size = sum(map(len, waiting.frames))  # once per run: cheaper than per frame
+            self._queued_bytes -= size
+            self.total.remove(size)
             if commit.ok:
                 clock = commit.clocks.get(self.store_id)
                 if clock is not None:
