@@ -220,9 +220,16 @@ class Client:
         """Send the frames held back during catch-up, then go live."""
         held, self._held = self._held, None
         frames, self._held_frames = self._held_frames, 0
-        self._held_bytes = 0
-        if held:
-            self.deliver(b"".join(held), frames)
+        size, self._held_bytes = self._held_bytes, 0
+        if not held or self.closing:
+            return
+        # The held frames are shared with the other receivers: queue them, not a copy.
+        backlog = self._out_bytes
+        self._out.extend(held)
+        self._out_bytes = backlog + size
+        self._out_frames += frames
+        if backlog == 0:
+            self._flusher.mark(self)
 
     async def send_history(self, frames: list[tuple[bytes, bytes]]) -> None:
         """Send stored frames ahead of anything held back, pacing on the socket, not memory.
