@@ -6,18 +6,22 @@ compact` comes here when the server has the file. The server opens the file thro
 its own Storage (taking the lock if nobody uses the store yet), pauses its commits
 and reads, and runs the compaction in a thread on a connection of its own while the
 server's connection stays idle. Authorized by an admin token of that store.
+
+Compactions run on the server's maintenance threads (``MAINTENANCE_THREADS`` of them;
+more wait their turn), never on the threads that open stores.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from typing import Any
 
 from aiohttp import web
 
-from sds.appkeys import CONFIG, STATE, STORAGE
+from sds.appkeys import CONFIG, MAINTENANCE, STATE, STORAGE
 from sds.auth import authenticate, http_error, store_id_of
 from sds.config import VALUE_MODES
 from sds.maintenance import MaintenanceError, compact_file
@@ -25,6 +29,9 @@ from sds.storage import StorageError, StoreBusy
 from sds.token_api import read_json
 
 log = logging.getLogger(__name__)
+
+MAINTENANCE_THREADS = 2
+"""Compactions that run at once; more wait their turn (each takes one thread)."""
 
 
 async def compact_handler(request: web.Request) -> web.Response:
@@ -51,8 +58,11 @@ async def compact_handler(request: web.Request) -> web.Response:
         raise http_error(503, str(exc)) from None
     try:
         async with store_log.file.paused() as file_path:
-            result = await asyncio.to_thread(
-                compact_file, file_path, store_id=store_id, value_mode=value_mode
+            result = await asyncio.get_running_loop().run_in_executor(
+                request.app[MAINTENANCE],
+                functools.partial(
+                    compact_file, file_path, store_id=store_id, value_mode=value_mode
+                ),
             )
     except MaintenanceError as exc:
         message = str(exc)

@@ -10,20 +10,33 @@ import os
 import re
 import socket
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 
-from sds.admin_api import compact_handler
-from sds.appkeys import CONFIG, HEALTH, METRICS, RELAY, SIGNALLING, STATE, STORAGE, ServerState
+from sds.admin_api import MAINTENANCE_THREADS, compact_handler
+from sds.appkeys import (
+    CONFIG,
+    HEALTH,
+    MAINTENANCE,
+    METRICS,
+    RELAY,
+    SIGNALLING,
+    STATE,
+    STORAGE,
+    TASKS,
+    ServerState,
+)
 from sds.auth import (
     CLIENT_ADDRESS,
     AuthFailures,
     client_address_middleware,
     trusted_networks,
 )
+from sds.background import Tasks
 from sds.chunks import ChunkBudget
 from sds.config import SETTINGS, Config, check_persist_dir
 from sds.health import StorageHealth, healthz_handler
@@ -39,6 +52,8 @@ log = logging.getLogger(__name__)
 
 HOUSEKEEPING_SECONDS = 1.0
 LISTEN_BACKLOG = 128
+TASKS_GRACE_SECONDS = 1.0
+"""How long background tasks may finish on their own at shutdown before they are cancelled."""
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -87,6 +102,7 @@ def create_app(config: Config) -> web.Application:
         ),
     )
     app[SIGNALLING] = Signalling(max_peers_per_room=config.max_connections_per_store)
+    app[TASKS] = Tasks()
     app.cleanup_ctx.append(_storage_and_relay)
     app.on_shutdown.append(_close_clients)
     # The rest of the path is the store id: SDS clients do not percent-encode it,
@@ -103,6 +119,10 @@ def create_app(config: Config) -> web.Application:
 async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     metrics = app[METRICS]
+    tasks = app[TASKS]
+    app[MAINTENANCE] = maintenance = ThreadPoolExecutor(
+        MAINTENANCE_THREADS, thread_name_prefix="sds-maintenance"
+    )
     storage = None
     if config.persist_dir is not None:
         check_persist_dir(config.persist_dir)
@@ -113,6 +133,7 @@ async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
             max_open=config.max_open_stores,
             close_grace=config.store_close_grace,
             metrics=metrics,
+            tasks=tasks,
         )
     app[STORAGE] = storage
     app[HEALTH] = None if config.persist_dir is None else StorageHealth(config.persist_dir, metrics)
@@ -121,6 +142,11 @@ async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
         max_connections_per_store=config.max_connections_per_store,
         storage=storage,
         metrics=metrics,
+        max_pending_bytes_per_store=config.max_pending_bytes_per_store,
+        max_pending_bytes_total=config.max_pending_bytes_total,
+        max_catchup_bytes_per_client=config.max_catchup_bytes_per_client,
+        max_catchup_bytes_total=config.max_catchup_bytes_total,
+        tasks=tasks,
     )
     sweeper = asyncio.create_task(_housekeeping(app))
     try:
@@ -130,10 +156,12 @@ async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper
         app[STATE].auth_failures.flush()
+        await tasks.drain(TASKS_GRACE_SECONDS)
         flush_log_summaries(force=True)
         if storage is not None:
             await storage.close()
             log.info("storage flushed and closed")
+        maintenance.shutdown(wait=False, cancel_futures=True)
 
 
 async def _housekeeping(app: web.Application) -> None:
@@ -180,6 +208,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
     if storage is not None:
         # A gauge read when scraped: counting it per write would cost on the hot path.
         metrics.commit_queue_depth = storage.queued_writes()
+    metrics.pending_bytes = request.app[RELAY].pending.used
     body = render_prometheus(metrics)
     return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
 

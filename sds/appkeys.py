@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from sds.auth import AuthFailures
+from sds.background import Tasks
 from sds.chunks import ChunkBudget
 from sds.config import Config
 from sds.metrics import Metrics
@@ -38,3 +40,7 @@ RELAY: web.AppKey[Relay] = web.AppKey("relay")
 STORAGE: web.AppKey[Storage | None] = web.AppKey("storage")
 SIGNALLING: web.AppKey[Signalling] = web.AppKey("signalling")
 HEALTH: web.AppKey[StorageHealth | None] = web.AppKey("health")
+TASKS = web.AppKey("tasks", Tasks)
+"""Background tasks of the server: cancelled and awaited at shutdown."""
+MAINTENANCE: web.AppKey[Executor] = web.AppKey("maintenance")
+"""The bounded threads of maintenance (compaction): never the ones serving needs."""

@@ -44,6 +44,10 @@ class Config:
     max_connections: int = 10_000
     max_connections_per_store: int = 1_000
     max_client_buffer_bytes: int = 16 * MiB
+    max_pending_bytes_per_store: int = 64 * MiB
+    max_pending_bytes_total: int = 256 * MiB
+    max_catchup_bytes_per_client: int = 4 * MiB
+    max_catchup_bytes_total: int = 64 * MiB
     max_chunk_bytes_per_client: int = 64 * MiB
     max_chunk_bytes_total: int = 256 * MiB
     max_chunk_bytes_per_store: int = 128 * MiB
@@ -98,6 +102,10 @@ _POSITIVE = (
     "max_connections",
     "max_connections_per_store",
     "max_client_buffer_bytes",
+    "max_pending_bytes_per_store",
+    "max_pending_bytes_total",
+    "max_catchup_bytes_per_client",
+    "max_catchup_bytes_total",
     "max_chunk_bytes_per_client",
     "max_chunk_bytes_total",
     "max_chunk_bytes_per_store",
@@ -237,8 +245,37 @@ SETTINGS: tuple[Setting, ...] = (
         "max_client_buffer_bytes",
         ("SDS_MAX_CLIENT_BUFFER_BYTES",),
         _parse_int,
-        "Outgoing bytes queued for one client; a client that falls further behind is "
-        "closed with 1013.",
+        "Outgoing bytes queued for one client, beyond one largest frame (the "
+        "effective bound is this plus max-frame-bytes); a client that falls further "
+        "behind is closed with 1013.",
+    ),
+    Setting(
+        "max_pending_bytes_per_store",
+        ("SDS_MAX_PENDING_BYTES_PER_STORE",),
+        _parse_int,
+        "Bytes of one store's frames waiting for their commit; past it the store's "
+        "writers are not read until commits catch up (persistence on).",
+    ),
+    Setting(
+        "max_pending_bytes_total",
+        ("SDS_MAX_PENDING_BYTES_TOTAL",),
+        _parse_int,
+        "Bytes waiting for their commit in all stores together; past it no writer is "
+        "read until commits catch up (persistence on).",
+    ),
+    Setting(
+        "max_catchup_bytes_per_client",
+        ("SDS_MAX_CATCHUP_BYTES_PER_CLIENT",),
+        _parse_int,
+        "Bytes of one catch-up page read from storage for a joiner (at least one "
+        "stored frame); the next page is read once the socket took this one.",
+    ),
+    Setting(
+        "max_catchup_bytes_total",
+        ("SDS_MAX_CATCHUP_BYTES_TOTAL",),
+        _parse_int,
+        "Bytes of catch-up pages held for all joiners together; a joiner past it "
+        "waits its turn (closed with 1013 after 60 s without room).",
     ),
     Setting(
         "max_chunk_bytes_per_client",

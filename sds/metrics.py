@@ -66,6 +66,11 @@ class Metrics:
     """When (time.monotonic) the last commit failed."""
     stores_open: int = 0
     store_files_open: int = 0
+    pending_bytes: int = 0
+    writer_pauses: Counter[str] = field(default_factory=Counter)
+    catchup_bytes: int = 0
+    catchup_waits: int = 0
+    catchup_timeouts: int = 0
     value_answers_active: int = 0
     value_requests_queued: int = 0
     value_requests_unanswered: Counter[str] = field(default_factory=Counter)
@@ -206,6 +211,32 @@ def render_prometheus(metrics: Metrics) -> str:
                     "sds_values_not_stored",
                     "Values (VALUE_CHUNK sequences) that could not be stored, by reason.",
                     m.values_not_stored,
+                ),
+                gauge(
+                    "sds_pending_bytes",
+                    "Bytes of frames waiting for their commit, all stores.",
+                    m.pending_bytes,
+                ),
+                by_reason(
+                    "sds_writer_pauses",
+                    "Times a writer was not read because too much waited for commit, "
+                    "by bound (store, total).",
+                    m.writer_pauses,
+                ),
+                gauge(
+                    "sds_catchup_bytes",
+                    "Bytes of catch-up pages held for joiners.",
+                    m.catchup_bytes,
+                ),
+                counter(
+                    "sds_catchup_waits",
+                    "Catch-up pages that waited for room in the catch-up budget.",
+                    m.catchup_waits,
+                ),
+                counter(
+                    "sds_catchup_timeouts",
+                    "Joiners closed with 1013 after waiting too long for catch-up room.",
+                    m.catchup_timeouts,
                 ),
             ]
 

@@ -152,3 +152,8 @@ def _frame_header(length: int, first: int) -> bytes:
 
 
 _BINARY_HEADERS = tuple(_frame_header(length, _BINARY_FIN) for length in range(126))
+
+
+def binary_frame_header(length: int) -> bytes:
+    """The header of one binary message of ``length`` payload bytes (written before the payload)."""
+    return _BINARY_HEADERS[length] if length < 126 else _frame_header(length, _BINARY_FIN)

@@ -5,7 +5,8 @@ Three rules shape this module:
 * A broadcast never waits for a slow peer. Each client has a bounded outgoing
   buffer; frames are encoded once per broadcast and appended to every
   receiver's buffer, and all buffers are written out once per event-loop
-  iteration. A client whose buffer passes the bound is closed with 1013.
+  iteration. A client whose buffer passes the bound (the configured buffer
+  plus one largest frame) is closed with 1013.
 * Persist, then relay. With storage on, frames of a store pass one ordered
   queue: a frame is relayed when every write ahead of it (and its own) has
   committed, so no peer ever sees a frame that is not on disk, and the order
@@ -13,22 +14,29 @@ Three rules shape this module:
 * Catch-up without a seam. A joining client is added to the store at once but
   holds live frames back while the stored history up to the last relayed
   clock is replayed to it; then the held frames follow.
+
+Memory is bounded in bytes: what waits for its commit (per store and in all
+stores together; writers are not read past it), and catch-up pages (per joiner
+and in all joiners together; a joiner past it waits its turn).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
-from sds.background import spawn
+from sds.appkeys import TASKS
+from sds.background import Tasks, spawn
+from sds.budget import ByteBudget, PendingBytes
 from sds.metrics import Metrics
-from sds.protocol import encode_server_frame, encode_server_frames
+from sds.protocol import binary_frame_header, encode_server_frame, encode_server_frames
 from sds.storage import StorageError
 
 if TYPE_CHECKING:
@@ -42,6 +50,8 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_TOKEN_EXPIRED = 4001
+FRAME_HEADER_BYTES = 10
+"""The largest WebSocket header of an unmasked server frame."""
 
 
 class Peer(Protocol):
@@ -86,6 +96,8 @@ class Client:
         "_out",
         "_out_bytes",
         "_out_frames",
+        "_tasks",
+        "bound",
         "can_write",
         "chunks",
         "close_code",
@@ -112,6 +124,8 @@ class Client:
         limit: int,
         flusher: Flusher,
         metrics: Metrics,
+        frame_slack: int = 0,
+        tasks: Tasks | None = None,
     ) -> None:
         self.ws = ws
         self.transport: asyncio.Transport | None = None
@@ -120,7 +134,10 @@ class Client:
         self.scope = scope
         self.can_write = can_write
         self.limit = limit
+        self.bound = limit + frame_slack
+        """Bytes queued past which the client is closed: the buffer plus one largest frame."""
         self.metrics = metrics
+        self._tasks = tasks
         self.opened_at = time.monotonic()
         self.closing = False
         self.close_code: int | None = None
@@ -164,11 +181,11 @@ class Client:
             self._held.append(frame)
             self._held_bytes += len(frame)
             self._held_frames += frames
-            if self._held_bytes > self.limit:
+            if self._held_bytes > self.bound:
                 self.close_slow()
             return
         backlog = self._out_bytes
-        if backlog and backlog + len(frame) > self.limit:
+        if backlog and backlog + len(frame) > self.bound:
             self.close_slow()
             return
         self._out.append(frame)
@@ -191,7 +208,7 @@ class Client:
             return
         transport.writelines(out)
         self.metrics.frames_sent += frames
-        if transport.get_write_buffer_size() > self.limit:
+        if transport.get_write_buffer_size() > self.bound:
             self.close_slow()
 
     def hold(self) -> None:
@@ -203,20 +220,35 @@ class Client:
         """Send the frames held back during catch-up, then go live."""
         held, self._held = self._held, None
         frames, self._held_frames = self._held_frames, 0
-        self._held_bytes = 0
-        if held:
-            self.deliver(b"".join(held), frames)
+        size, self._held_bytes = self._held_bytes, 0
+        if not held or self.closing:
+            return
+        # The held frames are shared with the other receivers: queue them, not a copy.
+        backlog = self._out_bytes
+        self._out.extend(held)
+        self._out_bytes = backlog + size
+        self._out_frames += frames
+        if backlog == 0:
+            self._flusher.mark(self)
 
-    async def send_history(self, frames: list[bytes]) -> None:
-        """Send stored frames ahead of anything held back, pacing on the socket, not memory."""
+    async def send_history(self, frames: list[tuple[bytes, bytes]]) -> None:
+        """Send stored frames ahead of anything held back, pacing on the socket, not memory.
+
+        Each frame is a (type byte, payload) pair; the header and the payload go to
+        the socket one after the other, so the stored payload is never copied.
+        When this returns, the socket holds at most a quarter of the buffer bound.
+        """
         transport = self.transport
-        for data in frames:
+        for prefix, data in frames:
             if self.closing or transport is None or transport.is_closing():
                 return
-            transport.write(encode_server_frame(data))
+            transport.write(binary_frame_header(len(prefix) + len(data)) + prefix)
+            transport.write(data)
             self.metrics.frames_sent += 1
             if transport.get_write_buffer_size() > self.limit // 2:
                 await self._drained(transport)
+        if transport is not None and transport.get_write_buffer_size() > self.limit // 4:
+            await self._drained(transport)
 
     async def _drained(self, transport: asyncio.Transport) -> None:
         """Wait until the socket took most of what was written; a stuck reader is closed."""
@@ -228,6 +260,11 @@ class Client:
                 self.close_slow()
                 return
             await asyncio.sleep(0.005)
+
+    def gone(self) -> bool:
+        """True once nothing more can be sent: closing, or the socket is closed."""
+        transport = self.transport
+        return self.closing or transport is None or transport.is_closing()
 
     def close_slow(self) -> None:
         """A client that cannot keep up is closed with 1013 instead of growing memory."""
@@ -248,7 +285,13 @@ class Client:
         self._out = []
         self._out_bytes = 0
         self._out_frames = 0
-        spawn(_close_ws(self.ws, self.transport, code, reason))
+        self.spawn(_close_ws(self.ws, self.transport, code, reason))
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run work for this client in the background, drained with the server at shutdown."""
+        if self._tasks is not None:
+            return self._tasks.spawn(coro)
+        return spawn(coro)
 
 
 CLOSE_SECONDS = 30.0
@@ -298,6 +341,9 @@ async def accept_client(
         limit=config.max_client_buffer_bytes,
         flusher=flusher,
         metrics=metrics,
+        # A peer that reads at a normal pace receives every legal frame.
+        frame_slack=config.max_frame_bytes + FRAME_HEADER_BYTES,
+        tasks=request.app.get(TASKS),
     )
     client.attach(request.transport)
     if claims.exp is not None:
@@ -325,7 +371,33 @@ class LiveStore:
     where a client is anything with ``send(data: bytes)``.
     """
 
-    def __init__(self, store_id: str = "", *, metrics: Metrics | None = None) -> None:
+    __slots__ = (
+        "_clients",
+        "_drained_callbacks",
+        "_queue",
+        "_queued",
+        "_queued_bytes",
+        "_room",
+        "_tail",
+        "_watched",
+        "full",
+        "idle_handle",
+        "log",
+        "max_pending_bytes",
+        "metrics",
+        "relayed_clock",
+        "store_id",
+        "total",
+    )
+
+    def __init__(
+        self,
+        store_id: str = "",
+        *,
+        metrics: Metrics | None = None,
+        max_pending_bytes: int = 64 * 1024 * 1024,
+        pending_total: PendingBytes | None = None,
+    ) -> None:
         self.store_id = store_id
         self.metrics = metrics or Metrics()
         self.log: StoreLog | None = None
@@ -336,8 +408,13 @@ class LiveStore:
         self._queue: deque[Waiting] = deque()
         self._tail: Waiting | None = None
         self._queued = 0
+        self._queued_bytes = 0
+        self.max_pending_bytes = max_pending_bytes
+        self.total = pending_total if pending_total is not None else PendingBytes(1 << 62)
+        """Bytes waiting for their commit in all stores of the server."""
         self.full = False
-        """True while QUEUE_HIGH_WATER frames wait for their commit: writers are not read."""
+        """True while QUEUE_HIGH_WATER frames, or ``max_pending_bytes``, wait for their
+        commit in this store: its writers are not read."""
         self._room = asyncio.Event()
         self._room.set()
         self._drained_callbacks: list[Callable[[], None]] = []
@@ -392,11 +469,13 @@ class LiveStore:
         tail = self._tail
         if tail is None:
             self.broadcast(data, sender)
-        elif tail.sender is sender:
+            return
+        if tail.sender is sender:
             tail.frames.append(data)
             self._queued += 1
         else:
             self._wait(tail.commit, sender, data, writes=False)
+        self._count(len(data))
 
     def relay_after_commit(self, data: bytes, sender: Any, commit: Commit) -> None:
         """Relay ``data`` once its commit, and every commit queued before it, is done.
@@ -404,6 +483,7 @@ class LiveStore:
         A write whose commit fails is never relayed and its sender is closed with
         1011 (with the frames it sent after it that waited for the same commit).
         """
+        size = len(data)
         tail = self._tail
         if tail is not None and tail.sender is sender and tail.commit is commit:
             tail.frames.append(data)
@@ -411,9 +491,28 @@ class LiveStore:
             self._queued += 1
         else:
             self._wait(commit, sender, data, writes=True)
-        if self._queued >= QUEUE_HIGH_WATER:
+        # The hot path: plain arithmetic, a method call only at a bound.
+        queued_bytes = self._queued_bytes = self._queued_bytes + size
+        total = self.total
+        used = total.used = total.used + size
+        if (
+            queued_bytes >= self.max_pending_bytes
+            or self._queued >= QUEUE_HIGH_WATER
+            or used >= total.limit
+        ):
+            self._at_bound()
+
+    def _count(self, size: int) -> None:
+        """``size`` more bytes wait for a commit: past a bound, writers stop being read."""
+        self._queued_bytes += size
+        self.total.used += size
+        self._at_bound()
+
+    def _at_bound(self) -> None:
+        if self._queued >= QUEUE_HIGH_WATER or self._queued_bytes >= self.max_pending_bytes:
             self.full = True
             self._room.clear()
+        self.total.check()
 
     def _wait(self, commit: Commit, sender: Any, data: bytes, *, writes: bool) -> None:
         tail = self._tail = Waiting(commit, sender, data, writes=writes)
@@ -433,6 +532,9 @@ class LiveStore:
                 break
             queue.popleft()
             self._queued -= len(waiting.frames)
+            size = sum(map(len, waiting.frames))  # once per run: cheaper than per frame
+            self._queued_bytes -= size
+            self.total.remove(size)
             if commit.ok:
                 clock = commit.clocks.get(self.store_id)
                 if clock is not None:
@@ -445,7 +547,7 @@ class LiveStore:
             self.broadcast_run(waiting.frames, waiting.sender)
         if not queue:
             self._tail = None
-        if self._queued < QUEUE_HIGH_WATER:
+        if self._queued < QUEUE_HIGH_WATER and self._queued_bytes < self.max_pending_bytes:
             self.full = False
             self._room.set()
         if not queue and self._drained_callbacks:
@@ -457,19 +559,38 @@ class LiveStore:
         """True while frames wait for their commit."""
         return bool(self._queue)
 
+    def pending_bytes(self) -> int:
+        """Bytes of the frames that wait for their commit in this store."""
+        return self._queued_bytes
+
     def on_drained(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once no frame waits for its commit any more."""
         self._drained_callbacks.append(callback)
 
     async def wait_for_room(self) -> None:
-        """Backpressure for writers: wait while too many frames wait for their commit."""
-        await self._room.wait()
+        """Backpressure for writers: wait while too much waits for its commit.
+
+        Too much is QUEUE_HIGH_WATER frames or ``max_pending_bytes`` in this store,
+        or the server-wide pending total in all stores.
+        """
+        while True:
+            if self.full:
+                self.metrics.writer_pauses["store"] += 1
+                await self._room.wait()
+            elif self.total.full:
+                self.metrics.writer_pauses["total"] += 1
+                await self.total.wait_for_room()
+            else:
+                return
 
 
 HISTORY_STALL_SECONDS = 30.0
 """How long catch-up waits for a joiner's socket to take more bytes before giving up."""
 QUEUE_HIGH_WATER = 4096
-"""Frames a store may have waiting for commit before its writers stop being read."""
+"""Frames a store may have waiting for commit before its writers stop being read
+(bytes are bounded by ``--max-pending-bytes-per-store`` and ``--max-pending-bytes-total``)."""
+CATCHUP_WAIT_SECONDS = 60.0
+"""How long a joiner may wait for room in the catch-up budget before it is closed with 1013."""
 
 
 class Refused(Exception):
@@ -490,11 +611,23 @@ class Relay:
         max_connections_per_store: int,
         storage: Storage | None = None,
         metrics: Metrics | None = None,
+        max_pending_bytes_per_store: int = 64 * 1024 * 1024,
+        max_pending_bytes_total: int = 256 * 1024 * 1024,
+        max_catchup_bytes_per_client: int = 4 * 1024 * 1024,
+        max_catchup_bytes_total: int = 64 * 1024 * 1024,
+        tasks: Tasks | None = None,
     ) -> None:
         self.max_connections = max_connections
         self.max_connections_per_store = max_connections_per_store
         self.storage = storage
         self.metrics = metrics or Metrics()
+        self.tasks = tasks if tasks is not None else Tasks()
+        self.max_pending_bytes_per_store = max_pending_bytes_per_store
+        self.pending = PendingBytes(max_pending_bytes_total)
+        """Bytes waiting for their commit, all stores together."""
+        self.catchup_page_bytes = max_catchup_bytes_per_client
+        self.catchup = ByteBudget(max_catchup_bytes_total)
+        """Bytes of catch-up pages read from storage and not yet taken by the joiners' sockets."""
         self.flusher = Flusher()
         self.stores: dict[str, LiveStore] = {}
         self.connections = 0
@@ -532,7 +665,12 @@ class Relay:
         opening = asyncio.get_running_loop().create_future()
         self._opening[store_id] = opening
         try:
-            store = LiveStore(store_id, metrics=self.metrics)
+            store = LiveStore(
+                store_id,
+                metrics=self.metrics,
+                max_pending_bytes=self.max_pending_bytes_per_store,
+                pending_total=self.pending,
+            )
             if self.storage is not None:
                 try:
                     store.log = await self.storage.acquire(store_id)
@@ -560,14 +698,43 @@ class Relay:
         client.hold()
         upto = store.relayed_clock
         store.add_client(client)
+        reserved = 0
+
+        async def reserve(size: int) -> None:
+            # The page before this one is on the socket (all but a quarter of the
+            # client's buffer bound): its bytes go back to the budget first.
+            nonlocal reserved
+            self._give_catchup(reserved)
+            reserved = 0
+            try:
+                async with asyncio.timeout(CATCHUP_WAIT_SECONDS):
+                    reserved = await self.catchup.take(size)
+            finally:
+                self.metrics.catchup_waits = self.catchup.waits
+                self.metrics.catchup_bytes = self.catchup.used
+
+        history = store.log.history(upto, page_bytes=self.catchup_page_bytes, reserve=reserve)
         try:
-            async for page in store.log.history(upto):
-                await client.send_history(page)
+            async with contextlib.aclosing(history):
+                async for page in history:
+                    if client.gone():
+                        break
+                    await client.send_history(page)
         except StorageError as exc:
             log.error("store %s: catch-up failed: %s", store.store_id, exc)
             client.close(CLOSE_INTERNAL_ERROR, "storage failure")
+        except TimeoutError:
+            self.metrics.catchup_timeouts += 1
+            log.warning("store %s: no room for catch-up (sub %s)", store.store_id, client.sub)
+            client.close(CLOSE_TRY_AGAIN_LATER, "server busy, try again later")
         finally:
+            self._give_catchup(reserved)
             client.release()
+
+    def _give_catchup(self, size: int) -> None:
+        if size:
+            self.catchup.give(size)
+            self.metrics.catchup_bytes = self.catchup.used
 
     def leave(self, store: LiveStore, client: Client | None) -> None:
         """Forget a client; a store nobody uses any more is dropped (its file closes later)."""

@@ -36,13 +36,14 @@ import re
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from sds.background import spawn
+from sds.background import Tasks
 from sds.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -88,12 +89,20 @@ _FIND_BLOB = (
 row there is the store's or has no owner. ``length()`` of a BLOB does not read its content."""
 SQLITE_VERSION = sqlite3.sqlite_version
 HISTORY_PAGE_ROWS = 128
+"""Rows in one catch-up page at most; the page is also bounded in bytes by the caller."""
+VIEW_BINDING_BYTES = 4096
+"""Patch payloads of this size or more are bound as a view of the received frame (held
+once); smaller ones are copied into a bytearray, which sqlite3 binds faster than a view."""
+PATCH_PREFIX = b"\x01"
+VALUE_PREFIX = b"\x02"
 MAX_ROWS_PER_INSERT = 10_000
 """Rows in one INSERT: one variable each (and two shared), under SQLite's limit of 32766."""
 GATHER_TURNS = 4
 """Event-loop turns a group commit may wait, while writes keep arriving, before it starts."""
 STATEMENT_CACHE = 512
 """Prepared INSERTs kept per connection (one per batch size seen)."""
+OPEN_THREADS = 8
+"""Threads that wait for store file locks (each wait lasts up to the lock timeout)."""
 LOCK_SUFFIX = ".lock"
 LOCKED_WARNING_SECONDS = 60.0
 """A store held by another process is logged at most once per this many seconds."""
@@ -337,7 +346,7 @@ class PatchRun:
 
     def __init__(self, store_id: str) -> None:
         self.store_id = store_id
-        self.payloads: list[bytearray] = []
+        self.payloads: list[bytearray | memoryview] = []
 
 
 class Commit:
@@ -358,7 +367,7 @@ class Commit:
         self.size = 0
         self._run: PatchRun | None = None
 
-    def add_patch(self, store_id: str, payload: bytearray) -> None:
+    def add_patch(self, store_id: str, payload: bytearray | memoryview) -> None:
         run = self._run
         if run is None or run.store_id != store_id:
             run = self._run = PatchRun(store_id)
@@ -394,17 +403,24 @@ class StoreFile:
         self._io = asyncio.Lock()
         self._blob_readers: set[BlobReader] = set()
 
-    async def open(self, *, lock_timeout: float, record: LockRecord | None = None) -> None:
+    async def open(
+        self,
+        *,
+        lock_timeout: float,
+        record: LockRecord | None = None,
+        executor: Executor | None = None,
+    ) -> None:
+        """Take the file's lock (in ``executor``: the wait blocks) and open it."""
         loop = asyncio.get_running_loop()
         try:
             self._lock_fd = await loop.run_in_executor(
-                None, lambda: try_lock(self.path, timeout=lock_timeout, record=record)
+                executor, lambda: try_lock(self.path, timeout=lock_timeout, record=record)
             )
         except OSError as exc:
             log.error("cannot lock store file %s: %s", self.path.name, exc.strerror)
             raise StorageError(f"cannot lock {self.path.name}: {exc.strerror}") from None
         try:
-            await loop.run_in_executor(None, create_private, self.path)
+            await loop.run_in_executor(executor, create_private, self.path)
             self._db = await aiosqlite.connect(
                 self.path, isolation_level=None, cached_statements=STATEMENT_CACHE
             )
@@ -421,8 +437,9 @@ class StoreFile:
     async def close(self) -> None:
         """Finish pending commits and close the file (and its lock)."""
         if self._committer is not None:
+            # Shielded: a cancelled close (shutdown draining tasks) must not cancel a commit.
             with contextlib.suppress(Exception):
-                await self._committer
+                await asyncio.shield(self._committer)
         if self._db is not None:
             db, self._db = self._db, None
             with contextlib.suppress(sqlite3.Error, ValueError):
@@ -442,7 +459,7 @@ class StoreFile:
             row = await cursor.fetchone()
         return int(row[0]) if row and row[0] is not None else 0
 
-    def append_patch(self, store_id: str, payload: bytearray) -> Commit:
+    def append_patch(self, store_id: str, payload: bytearray | memoryview) -> Commit:
         """Queue a patch for the next group commit, which is returned."""
         commit = self._next or self._begin()
         commit.add_patch(store_id, payload)
@@ -663,18 +680,51 @@ class StoreFile:
             row = await cur.fetchone()
         return (bytes(row[0]), int(row[1])) if row else None
 
-    async def read_patches(self, store_id: str, after: int, upto: int) -> list[tuple[int, bytes]]:
-        """One page of patches with ``after < clock <= upto``, in clock order."""
+    async def snapshot_size(self, store_id: str) -> int | None:
+        """The size of a store's snapshot (None without one), read without its data."""
+        async with (
+            self._reading() as db,
+            db.execute("SELECT length(data) FROM snapshots WHERE store_id = ?", (store_id,)) as cur,
+        ):
+            row = await cur.fetchone()
+        return int(row[0]) if row else None
+
+    async def page_of_patches(
+        self, store_id: str, after: int, upto: int, max_bytes: int
+    ) -> tuple[int, int]:
+        """The next catch-up page after ``after``: (its last clock, its bytes), without the data.
+
+        A page holds at most HISTORY_PAGE_ROWS rows and ``max_bytes`` bytes, but at
+        least one row; (after, 0) when no patch is left up to ``upto``.
+        """
         async with (
             self._reading() as db,
             db.execute(
-                "SELECT clock, data FROM patches WHERE store_id = ? AND clock > ? AND clock <= ? "
-                "ORDER BY clock LIMIT ?",
+                "SELECT clock, length(data) FROM patches "
+                "WHERE store_id = ? AND clock > ? AND clock <= ? ORDER BY clock LIMIT ?",
                 (store_id, after, upto, HISTORY_PAGE_ROWS),
             ) as cur,
         ):
             rows = await cur.fetchall()
-        return [(int(clock), bytes(data)) for clock, data in rows]
+        last, total = after, 0
+        for clock, size in rows:
+            if total and total + size > max_bytes:
+                break
+            last, total = int(clock), total + int(size)
+        return last, total
+
+    async def read_patches(self, store_id: str, after: int, last: int) -> list[bytes]:
+        """The payloads of the patches with ``after < clock <= last``, in clock order."""
+        async with (
+            self._reading() as db,
+            db.execute(
+                "SELECT data FROM patches WHERE store_id = ? AND clock > ? AND clock <= ? "
+                "ORDER BY clock",
+                (store_id, after, last),
+            ) as cur,
+        ):
+            rows = await cur.fetchall()
+        return [data for (data,) in rows]
 
     @contextlib.asynccontextmanager
     async def paused(self) -> AsyncIterator[Path]:
@@ -733,10 +783,16 @@ class StoreLog:
 
     def append_patch(self, frame: bytes) -> Commit:
         """Store a PATCH frame's payload (the frame without its type byte)."""
-        # sqlite3 binds a bytearray as a BLOB directly; a bytes parameter first goes
-        # through the adapter lookup, which raises and clears an AttributeError per row.
-        payload = bytearray(frame)
-        del payload[0]
+        payload: bytearray | memoryview
+        if len(frame) > VIEW_BINDING_BYTES:
+            # Held once: the commit binds a view of the frame the relay holds anyway.
+            payload = memoryview(frame)[1:]
+        else:
+            # sqlite3 binds a bytearray as a BLOB directly; bytes or a memoryview first
+            # go through the adapter lookup (Python 3.11 raises and clears an
+            # AttributeError per row), which costs more than copying a small payload.
+            payload = bytearray(frame)
+            del payload[0]
         return self.file.append_patch(self.store_id, payload)
 
     def put_value(self, key: str, value: bytes, payload: bytes) -> Commit:
@@ -759,19 +815,36 @@ class StoreLog:
         """The highest committed clock of this store (its snapshot's when patches were pruned)."""
         return await self.file.last_clock(self.store_id)
 
-    async def history(self, upto: int) -> AsyncIterator[list[bytes]]:
-        """The stored frames up to clock ``upto`` in pages: the snapshot as VALUE, then patches."""
-        snapshot = await self.file.read_snapshot(self.store_id)
+    async def history(
+        self,
+        upto: int,
+        *,
+        page_bytes: int,
+        reserve: Callable[[int], Awaitable[None]],
+    ) -> AsyncGenerator[list[tuple[bytes, bytes]], None]:
+        """The stored frames up to clock ``upto`` in pages: the snapshot as VALUE, then patches.
+
+        A frame is a (type byte, payload) pair, not joined (the payload is not copied).
+        A page holds at most ``page_bytes`` (but at least one frame), and is read
+        only after ``reserve`` of its size returned: the caller's memory budget.
+        """
         after = 0
-        if snapshot is not None:
-            data, after = snapshot
-            yield [b"\x02" + data]
+        size = await self.file.snapshot_size(self.store_id)
+        if size is not None:
+            await reserve(size)
+            snapshot = await self.file.read_snapshot(self.store_id)
+            if snapshot is not None:
+                data, after = snapshot
+                yield [(VALUE_PREFIX, data)]
         while after < upto:
-            rows = await self.file.read_patches(self.store_id, after, upto)
-            if not rows:
+            last, size = await self.file.page_of_patches(self.store_id, after, upto, page_bytes)
+            if last == after:
                 return
-            after = rows[-1][0]
-            yield [b"\x01" + data for _, data in rows]
+            await reserve(size)
+            rows = await self.file.read_patches(self.store_id, after, last)
+            after = last
+            if rows:
+                yield [(PATCH_PREFIX, data) for data in rows]
 
 
 class Storage:
@@ -787,6 +860,7 @@ class Storage:
         close_grace: float = 5.0,
         lock_timeout: float = 5.0,
         metrics: Metrics | None = None,
+        tasks: Tasks | None = None,
     ) -> None:
         self.directory = directory
         self.sync = sync
@@ -801,8 +875,12 @@ class Storage:
         """What this server writes into the lock files it takes; ``advertise`` adds its URL."""
         self._locked_warned: dict[str, float] = {}
         self._server_fd: int | None = None
+        self.tasks = tasks if tasks is not None else Tasks()
+        self.open_executor = ThreadPoolExecutor(OPEN_THREADS, thread_name_prefix="sds-open")
+        """Where lock waits run: serving never queues behind maintenance or other blocking work."""
         self._files: dict[str, StoreFile] = {}
         self._opening: dict[str, asyncio.Future[StoreFile]] = {}
+        self._closing: set[asyncio.Future[None]] = set()
 
     def path_of(self, store_id: str) -> Path:
         return self.directory / store_filename(store_id)
@@ -900,7 +978,9 @@ class Storage:
                 raise StoreBusy("too many store files open")
             await self._close_file(idle[0])
         file = StoreFile(self.directory / name, sync=self.sync, metrics=self.metrics)
-        await file.open(lock_timeout=self.lock_timeout, record=self.holder)
+        await file.open(
+            lock_timeout=self.lock_timeout, record=self.holder, executor=self.open_executor
+        )
         self._files[name] = file
         return file
 
@@ -911,7 +991,7 @@ class Storage:
         if file.users == 0 and file.close_handle is None:
             loop = asyncio.get_running_loop()
             file.close_handle = loop.call_later(
-                self.close_grace, lambda: spawn(self._close_idle(file))
+                self.close_grace, lambda: self.tasks.spawn(self._close_idle(file))
             )
 
     async def _close_idle(self, file: StoreFile) -> None:
@@ -925,14 +1005,22 @@ class Storage:
             file.close_handle = None
         if self._files.get(file.path.name) is file:
             del self._files[file.path.name]
-        await file.close()
+        # Shielded and tracked: a cancelled idle close (shutdown) still finishes, and
+        # ``close`` waits for it.
+        closing = asyncio.ensure_future(file.close())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+        await asyncio.shield(closing)
 
     async def close(self) -> None:
         """Flush and close every file (shutdown)."""
         for file in list(self._files.values()):
             await self._close_file(file)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         if self._server_fd is not None:
             with contextlib.suppress(OSError):
                 lock_path(self._server_record_path()).unlink()
             unlock(self._server_fd)
             self._server_fd = None
+        self.open_executor.shutdown(wait=False, cancel_futures=True)

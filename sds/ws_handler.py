@@ -127,7 +127,7 @@ async def _read_frames(
             if client.closing:
                 continue
             handle_frame(store, client, data, answers)
-            if store.full:
+            if store.full or store.total.full:
                 await store.wait_for_room()
         elif msg.type is WSMsgType.TEXT:
             metrics.frames_dropped["text"] += 1

@@ -123,5 +123,28 @@ class RawWebSocket:
         self._buffer = buf[offset + length :]
         return opcode, payload
 
+    def read_binary(self, count: int, timeout: float = 20.0) -> list[bytes]:
+        """Read until ``count`` binary payloads arrived (fewer on close, EOF or timeout)."""
+        deadline = time.monotonic() + timeout
+        payloads: list[bytes] = []
+        while len(payloads) < count and time.monotonic() < deadline:
+            parsed = self._next_frame()
+            if parsed is not None:
+                opcode, payload = parsed
+                if opcode == 0x8:
+                    break
+                if opcode == 0x2:
+                    payloads.append(payload)
+                continue
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except (TimeoutError, ConnectionError):
+                break
+            if not chunk:
+                break
+            self._buffer += chunk
+        return payloads
+
     def close(self) -> None:
         self.sock.close()

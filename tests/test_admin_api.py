@@ -6,11 +6,14 @@ import asyncio
 import json
 import os
 import socket
+import threading
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from sds.admin_api import MAINTENANCE_THREADS
+from sds.appkeys import MAINTENANCE
 from sds.client import StoreClient
 from sds.maintenance import distinct_in_order
 from sds.storage import try_lock
@@ -249,3 +252,31 @@ async def test_compact_never_sends_the_token_to_a_default_url_when_the_holder_na
     line = one_error_line(result)
     assert "not a server" in line and f"pid {os.getpid()}" in line
     assert db_digests(directory) == before
+
+
+async def test_a_new_store_opens_while_compactions_and_the_default_threads_are_busy(
+    persistent_server: RunningServer,
+) -> None:
+    server = persistent_server
+    await _write_all(server, "busy", [b"\x01x", b"\x01x"])
+    loop = asyncio.get_running_loop()
+    release = threading.Event()
+    # Compactions in flight fill the maintenance threads; other blocking work fills
+    # the default executor (where store opens used to queue behind compactions).
+    blockers = [
+        loop.run_in_executor(server.app[MAINTENANCE], release.wait, 30.0)
+        for _ in range(MAINTENANCE_THREADS)
+    ]
+    blockers += [loop.run_in_executor(None, release.wait, 30.0) for _ in range(32)]
+    try:
+        compaction = asyncio.create_task(_post(server, "busy", server.token("busy", "admin")))
+        writer = await asyncio.wait_for(server.connect("fresh", sub="w"), 10)
+        reader = await asyncio.wait_for(server.connect("fresh", scope="read", sub="r"), 10)
+        await writer.send(b"\x01new store works")
+        assert await reader.receive(timeout=10) == b"\x01new store works"
+        assert not compaction.done(), "the compaction waits for a maintenance thread"
+    finally:
+        release.set()
+    response = await asyncio.wait_for(compaction, 20)
+    assert response.status == 200
+    await asyncio.gather(*blockers)

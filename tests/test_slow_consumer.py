@@ -18,6 +18,8 @@ FRAME_BYTES = 64 * 1024
 FRAMES = 768
 """48 MiB streamed in all: far more than the buffer bound and the kernel's socket buffers."""
 CLIENT_BUFFER = 1024 * 1024
+MAX_FRAME = 2 * FRAME_BYTES
+"""The bound is the buffer plus one largest frame: a small frame limit keeps it near 1 MiB."""
 WINDOW = 8
 """Frames the writer may be ahead of the healthy readers (512 KiB: below the buffer bound)."""
 RSS_MARGIN_KIB = 24 * 1024
@@ -58,7 +60,8 @@ async def _read_in_order(client: StoreClient, progress: list[int], index: int) -
 async def test_stalled_reader_is_closed_with_1013_and_memory_stays_bounded(
     tmp_path: Path,
 ) -> None:
-    with spawn_server(["--max-client-buffer-bytes", str(CLIENT_BUFFER)], cwd=tmp_path) as server:
+    args = ["--max-client-buffer-bytes", str(CLIENT_BUFFER), "--max-frame-bytes", str(MAX_FRAME)]
+    with spawn_server(args, cwd=tmp_path) as server:
         await _stream_past_a_stalled_reader(server)
 
 
