@@ -16,8 +16,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -25,6 +23,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
 from sds.config import Config
+from sds.logs import LogSummary
 from sds.metrics import Metrics
 from sds.tokens import Claims, TokenError, verify_token
 
@@ -168,31 +167,19 @@ class AuthFailures:
 
     def __init__(self, metrics: Metrics, interval: float = AUTH_LOG_INTERVAL) -> None:
         self.metrics = metrics
-        self.interval = interval
-        self._since_log: Counter[str] = Counter()
-        self._last_log = float("-inf")
+        self.summary = LogSummary(log, "refused tokens", interval)
 
     def record(self, reason: str) -> None:
         self.metrics.auth_failures[reason] += 1
-        self._since_log[reason] += 1
-        self.flush_if_due()
+        self.summary.count(reason)
 
     def flush_if_due(self) -> None:
         """Log the summary when an interval has passed since the last one (and there is one)."""
-        now = time.monotonic()
-        if self._since_log and now - self._last_log >= self.interval:
-            self.flush(now)
+        self.summary.flush_if_due()
 
-    def flush(self, now: float | None = None) -> None:
+    def flush(self) -> None:
         """Log what was refused since the last summary line."""
-        self._last_log = time.monotonic() if now is None else now
-        if not self._since_log:
-            return
-        summary = ", ".join(
-            f"{reason}={count}" for reason, count in sorted(self._since_log.items())
-        )
-        log.warning("refused tokens since last report: %s", summary)
-        self._since_log.clear()
+        self.summary.flush()
 
 
 def authenticate(

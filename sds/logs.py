@@ -81,6 +81,41 @@ LOG_SUMMARY_INTERVAL = 60.0
 _REQUEST_ERROR = "Error handling request"
 
 
+class LogSummary:
+    """Counts events by name and logs one summary line at most once per interval.
+
+    For what anyone can cause many times (refused tokens, malformed requests): one
+    line per interval instead of one per event, with the names and counts only.
+    """
+
+    def __init__(self, logger: logging.Logger, what: str, interval: float) -> None:
+        self.logger = logger
+        self.what = what
+        self.interval = interval
+        self._since_log: Counter[str] = Counter()
+        self._last_log = float("-inf")
+
+    def count(self, name: str, now: float | None = None) -> None:
+        """Count one event; log the summary if an interval has passed."""
+        self._since_log[name] += 1
+        self.flush_if_due(now)
+
+    def flush_if_due(self, now: float | None = None) -> None:
+        """Log the summary when an interval has passed since the last one (and there is one)."""
+        now = time.monotonic() if now is None else now
+        if self._since_log and now - self._last_log >= self.interval:
+            self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        """Log what was counted since the last summary line."""
+        self._last_log = time.monotonic() if now is None else now
+        if not self._since_log:
+            return
+        summary = ", ".join(f"{name}={count}" for name, count in sorted(self._since_log.items()))
+        self._since_log.clear()
+        self.logger.warning("%s since last report: %s", self.what, summary)
+
+
 class RequestErrorSummary(logging.Filter):
     """Counts aiohttp's "Error handling request" records and summarises them per interval.
 
@@ -93,10 +128,8 @@ class RequestErrorSummary(logging.Filter):
     def __init__(self, interval: float = LOG_SUMMARY_INTERVAL) -> None:
         super().__init__()
         self.interval = interval
-        self._since_log: Counter[str] = Counter()
-        self._last_log = float("-inf")
+        self.summary = LogSummary(logging.getLogger("sds.http"), "bad HTTP requests", interval)
         self._last_traceback = float("-inf")
-        self._logger = logging.getLogger("sds.http")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name != "aiohttp.server" or not str(record.msg).startswith(_REQUEST_ERROR):
@@ -111,25 +144,10 @@ class RequestErrorSummary(logging.Filter):
         keep = not malformed and now - self._last_traceback >= self.interval
         if keep:
             self._last_traceback = now
+            self.summary.flush_if_due(now)
         else:
-            self._since_log[type(error).__name__ if error else "unknown"] += 1
-        self.flush_if_due(now)
+            self.summary.count(type(error).__name__ if error else "unknown", now)
         return keep
-
-    def flush_if_due(self, now: float | None = None) -> None:
-        """Log the summary when an interval has passed since the last one (and there is one)."""
-        now = time.monotonic() if now is None else now
-        if self._since_log and now - self._last_log >= self.interval:
-            self.flush(now)
-
-    def flush(self, now: float | None = None) -> None:
-        """Log what failed since the last summary line."""
-        self._last_log = time.monotonic() if now is None else now
-        if not self._since_log:
-            return
-        summary = ", ".join(f"{name}={count}" for name, count in sorted(self._since_log.items()))
-        self._since_log.clear()
-        self._logger.warning("bad HTTP requests since last report: %s", summary)
 
 
 def flush_log_summaries(*, force: bool = False) -> None:
@@ -138,9 +156,9 @@ def flush_log_summaries(*, force: bool = False) -> None:
         for candidate in handler.filters:
             if isinstance(candidate, RequestErrorSummary):
                 if force:
-                    candidate.flush()
+                    candidate.summary.flush()
                 else:
-                    candidate.flush_if_due()
+                    candidate.summary.flush_if_due()
 
 
 class TextFormatter(logging.Formatter):

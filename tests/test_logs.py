@@ -429,7 +429,7 @@ def test_other_request_failures_keep_one_traceback_per_interval_and_are_counted(
     assert [summary.filter(failure()) for _ in range(5)] == [False] * 5
     other = logging.LogRecord("sds.app", logging.ERROR, __file__, 1, "other", (), None)
     assert summary.filter(other) is True
-    summary.flush()
+    summary.summary.flush()
     # The first suppressed one is reported at once, the rest at the end of the interval.
     assert [r.getMessage() for r in caplog.records if r.name == "sds.http"] == [
         "bad HTTP requests since last report: RuntimeError=1",
