@@ -24,6 +24,8 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sds.client import StoreClient
 from sds.tokens import mint_token
 
@@ -382,3 +384,27 @@ async def upgrade_request(
         except ValueError:
             body = None
         return response.status, body, response.headers
+
+
+@contextmanager
+def small_filesystem(path: Path, size: str = "256k") -> Iterator[Path]:
+    """A real tmpfs of ``size``: writes past it fail with ENOSPC (needs root, as CI has).
+
+    Skipped where mounting is not permitted, except in CI (CI=true), where it fails.
+    """
+    path.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        message = f"cannot mount a small tmpfs here: {result.stderr.strip()}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

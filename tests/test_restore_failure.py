@@ -7,17 +7,15 @@ or corrupt them. Real tmpfs mounts, real subprocesses.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sds.backup import create_backup
-from tests.helpers import clean_env, one_error_line, run_sds
+from tests.helpers import clean_env, one_error_line, run_sds, small_filesystem
 from tests.store_files import all_rows, db_digests, write_store
 
 OLD_CHECKPOINTED = 800
@@ -35,27 +33,6 @@ for clock in range(first, first + int(sys.argv[3])):
     conn.execute("INSERT INTO patches VALUES ('s0', ?, ?)", (clock, os.urandom(1000)))
 os._exit(0)  # no close, no checkpoint: what a crash leaves
 """
-
-
-@contextlib.contextmanager
-def small_filesystem(path: Path, size: str) -> Iterator[Path]:
-    """A real tmpfs of ``size``; skipped where mounting is not permitted, except in CI."""
-    path.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        message = f"cannot mount a small tmpfs here: {result.stderr.strip()}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def _crashed_store(path: Path) -> None:

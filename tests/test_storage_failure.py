@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -16,24 +14,7 @@ import pytest
 from sds.client import ClientClosed
 from sds.storage import store_filename
 from tests.conftest import ServerFactory
-
-
-@contextlib.contextmanager
-def small_filesystem(path: Path, size: str = "256k") -> Iterator[Path]:
-    """A real, tiny tmpfs: writes past its size fail with ENOSPC (needs root, as CI has)."""
-    path.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
+from tests.helpers import small_filesystem
 
 
 async def test_full_disk_closes_sender_with_1011_and_relays_nothing_unstored(
