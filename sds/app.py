@@ -14,13 +14,14 @@ from aiohttp.web_request import BaseRequest
 from sds.admin_api import compact_handler
 from sds.appkeys import CONFIG, METRICS, RELAY, SIGNALLING, STATE, STORAGE, ServerState
 from sds.auth import AuthFailures
+from sds.backends import open_storage
 from sds.chunks import ChunkBudget
 from sds.config import Config, check_persist_dir
 from sds.logs import redact_access_log
 from sds.metrics import Metrics
 from sds.relay import CLOSE_GOING_AWAY, Relay
 from sds.signalling import Signalling, signal_handler
-from sds.storage import SQLITE_VERSION, Storage
+from sds.storage import SQLITE_VERSION
 from sds.token_api import token_handler
 from sds.ws_handler import ws_handler
 
@@ -75,17 +76,7 @@ def create_app(config: Config) -> web.Application:
 async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     metrics = app[METRICS]
-    storage = None
-    if config.persist_dir is not None:
-        check_persist_dir(config.persist_dir)
-        storage = Storage(
-            config.persist_dir,
-            sync=config.sync,
-            value_mode=config.value_mode,
-            max_open=config.max_open_stores,
-            close_grace=config.store_close_grace,
-            metrics=metrics,
-        )
+    storage = await open_storage(config, metrics)
     app[STORAGE] = storage
     app[RELAY] = Relay(
         max_connections=config.max_connections,
@@ -143,13 +134,15 @@ def health(app: web.Application) -> tuple[bool, dict[str, object]]:
         problems.append("shutting down")
     if storage is not None:
         problems.extend(f"storage write failed: {failure}" for failure in storage.failures)
+    if config.persist_dir is not None:
         try:
-            check_persist_dir(storage.directory)
+            check_persist_dir(config.persist_dir)
         except ValueError as exc:
             problems.append(str(exc))
     body: dict[str, object] = {
         "status": "ok" if not problems else "unavailable",
-        "persistence": config.persist_dir is not None,
+        "persistence": storage is not None,
+        "storage": "postgresql" if config.database_url else "sqlite" if storage else "none",
         "sqlite_version": SQLITE_VERSION,
         "connections": app[METRICS].connections_open,
         "stores": app[METRICS].stores_open,

@@ -32,8 +32,8 @@ from sds.protocol import encode_server_frame, encode_server_frames
 from sds.storage import StorageError
 
 if TYPE_CHECKING:
+    from sds.backends.base import Commit, Storage, StoreLog
     from sds.config import Config
-    from sds.storage import Commit, Storage, StoreLog
     from sds.tokens import Claims
 
 log = logging.getLogger(__name__)
@@ -488,7 +488,7 @@ class Relay:
         *,
         max_connections: int,
         max_connections_per_store: int,
-        storage: Storage | None = None,
+        storage: Storage[Any] | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.max_connections = max_connections

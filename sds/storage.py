@@ -470,6 +470,10 @@ class StoreLog:
     async def read_blob(self, key: str) -> bytes | None:
         return await self.file.read_blob(key)
 
+    def paused(self) -> contextlib.AbstractAsyncContextManager[Path]:
+        """Let maintenance own the store's file (see ``StoreFile.paused``)."""
+        return self.file.paused()
+
     async def last_clock(self) -> int:
         """The highest committed clock of this store (its snapshot's when patches were pruned)."""
         return await self.file.last_clock(self.store_id)

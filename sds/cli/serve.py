@@ -35,6 +35,7 @@ def serve(dev: bool, **options: Any) -> None:
     Examples:
       sds serve --dev
       SDS_JWT_SECRET_FILE=/etc/sds/secret sds serve --persist-dir /var/lib/sds
+      SDS_DATABASE_URL_FILE=/etc/sds/database-url sds serve
       sds serve --port 8080 --max-connections 5000 --log-format json
     """
     config = _dev_config(options) if dev else config_from(options)
@@ -51,8 +52,14 @@ def serve(dev: bool, **options: Any) -> None:
     if dev:
         _print_dev_banner(config)
     _use_uvloop()
+    from sds.storage import StorageError
+
     try:
         run(config)
+    except StorageError as exc:
+        # The database is unreachable or refuses at start-up (the message names
+        # host, port and database, never the password).
+        raise ConfigFailure(str(exc)) from None
     except OSError as exc:
         # Binding fails before anything is served (port taken, unknown host): a
         # configuration problem for the operator, not a crash with a traceback.
