@@ -9,6 +9,7 @@ a unix socket inside its directory; logins over TCP need a generated password
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
@@ -178,10 +179,8 @@ class PgCluster:
 
     def destroy(self) -> None:
         """Stop the server (if running) and remove its directory."""
-        try:
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
             self.stop("immediate")
-        except (RuntimeError, subprocess.TimeoutExpired):
-            pass
         deadline = time.monotonic() + 10
         while (self.data / "postmaster.pid").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
