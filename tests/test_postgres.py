@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,11 +12,11 @@ import aiohttp
 import asyncpg
 import pytest
 
-from sds.client import ClientClosed, StoreClient
+from sds.client import StoreClient
 from sds.config import Config, ConfigError, load_config, redacted_url
 from sds.protocol import value_chunk_frames
 from tests.conftest import RunningServer, ServerFactory, start_pg_cluster
-from tests.helpers import TEST_SECRET, clean_env, one_error_line, run_sds, spawn_server
+from tests.helpers import TEST_SECRET, clean_env, one_error_line, run_sds
 from tests.pg_cluster import PgCluster
 
 
@@ -253,57 +252,6 @@ async def test_late_joiner_after_a_restart_gets_everything(
     await writer.send(patch(50))
     assert await joiner.receive() == patch(50)
     assert (await stored_patches(database_url, "restart"))[-1] == (51, patch(50)[1:])
-
-
-@pytest.mark.slow
-async def test_sigkill_of_the_server_loses_nothing_a_peer_saw(
-    database_url: str, tmp_path: Path
-) -> None:
-    env = clean_env(secret=TEST_SECRET, SDS_DATABASE_URL=database_url)
-    with spawn_server(env=env, cwd=tmp_path, wait=False) as server:
-        await server.wait_ready_async()
-        token = server.token("crash", sub="t")
-        seen: list[bytes] = []
-        writer = StoreClient(server.ws_url, "crash", token)
-        reader = StoreClient(server.ws_url, "crash", token)
-        await writer.connect()
-        await reader.connect()
-
-        async def stream() -> None:
-            with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError):
-                for n in range(100_000):
-                    await writer.send(patch(n))
-                    if n % 20 == 0:
-                        await asyncio.sleep(0.001)
-
-        async def record() -> None:
-            with contextlib.suppress(ClientClosed, TimeoutError, aiohttp.ClientError):
-                while True:
-                    seen.append(await reader.receive(timeout=5))
-
-        streaming = asyncio.create_task(stream())
-        recording = asyncio.create_task(record())
-        async with asyncio.timeout(30):
-            while len(seen) < 1500:
-                await asyncio.sleep(0.01)
-        server.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(server.wait, 10)
-        await asyncio.wait_for(recording, 10)
-        streaming.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await streaming
-        await writer.close()
-        await reader.close()
-        assert seen == [patch(n) for n in range(len(seen))]
-
-        server.restart()
-        await server.wait_ready_async()
-        async with StoreClient(server.ws_url, "crash", token) as joiner:
-            replayed = await joiner.receive_all(1.5)
-        assert server.stop() == 0
-    assert database_url.split("@")[0].split(":")[-1] not in server.stdout + server.stderr
-    assert replayed[: len(seen)] == seen
-    assert replayed == [patch(n) for n in range(len(replayed))]
 
 
 def test_unreachable_database_exits_2_with_one_line_without_the_password() -> None:
