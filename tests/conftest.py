@@ -142,10 +142,12 @@ def pg_cluster() -> Iterator[pg.PgCluster]:
 
 @pytest.fixture
 def database_url(pg_cluster: pg.PgCluster) -> Iterator[str]:
-    """The URL of a fresh, empty database, dropped after the test."""
+    """The URL of a fresh, empty database (dropped when the next test asks for one)."""
     name = pg_cluster.create_database()
     yield pg_cluster.url(name)
-    pg_cluster.drop_database(name)
+    # Not dropped here: servers of the test may still hold connections until their
+    # own fixture's teardown, which runs after this one.
+    pg_cluster.finished.append(name)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -71,6 +71,8 @@ class PgCluster:
         self.password = secrets.token_urlsafe(18)
         self.port = free_port()
         self.host = "127.0.0.1"
+        self.finished: list[str] = []
+        """Databases of finished tests, dropped before the next one is created."""
         if os.geteuid() == 0:
             entry = pwd.getpwnam(self.user)
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
@@ -170,6 +172,8 @@ class PgCluster:
         ).stdout
 
     def create_database(self) -> str:
+        while self.finished:
+            self.drop_database(self.finished.pop())
         name = "t_" + uuid.uuid4().hex[:16]
         self.psql(f'CREATE DATABASE "{name}"')
         return name

@@ -377,3 +377,45 @@ async def test_database_going_away_fails_writes_cleanly_and_serving_resumes_by_i
     stored = await stored_patches(own_cluster.url(name), "outage")
     assert [clock for clock, _ in stored] == list(range(1, 22))
     assert stored[-1] == (21, patch(99)[1:])
+
+
+async def test_back_to_back_patches_share_group_commits(
+    pg_server: RunningServer, database_url: str
+) -> None:
+    from sds.appkeys import METRICS
+
+    metrics = pg_server.app[METRICS]
+    writer = await pg_server.connect("grouped")
+    reader = await pg_server.connect("grouped", scope="read")
+    frames = [patch(n) for n in range(2000)]
+    before = metrics.commits
+    for frame in frames:
+        await writer.send(frame)
+    assert await receive_count(reader, len(frames)) == frames
+    commits = metrics.commits - before
+    # Each commit is one statement; frames read while one runs form the next one.
+    assert commits < len(frames) // 4, commits
+    assert [c for c, _ in await stored_patches(database_url, "grouped")] == list(range(1, 2001))
+
+
+async def test_a_second_server_writing_the_same_store_never_duplicates_a_clock(
+    make_server: ServerFactory, database_url: str
+) -> None:
+    """Two servers on one store: a clock collision fails that commit (1011), nothing is lost silently."""
+    one = await make_server(database_url=database_url)
+    two = await make_server(database_url=database_url)
+    first = await one.connect("shared", sub="one")
+    reader_one = await one.connect("shared", scope="read", sub="r1")
+    await first.send(patch(1))  # clock 1; server one now counts from 1
+    assert await reader_one.receive() == patch(1)
+    second = await two.connect("shared", sub="two")
+    await second.send(patch(2))  # server two reads clock 1 and commits clock 2
+    await asyncio.sleep(0.3)
+    await first.send(patch(3))  # server one also takes clock 2: that commit fails
+    assert await first.wait_closed(timeout=10) == 1011
+    assert await reader_one.receive_all(0.3) == []
+    again = await one.connect("shared", sub="one-again")  # the clock is read again
+    await again.send(patch(4))
+    assert await reader_one.receive() == patch(4)
+    stored = await stored_patches(database_url, "shared")
+    assert stored == [(1, patch(1)[1:]), (2, patch(2)[1:]), (3, patch(4)[1:])]

@@ -75,8 +75,17 @@ def _dev_config(options: dict[str, Any]) -> Config:
     if host not in LOOPBACK_HOSTS:
         raise ConfigFailure(f"--dev binds loopback only, not {host}")
     options = {**options, "host": host}
-    if not options.get("persist_dir") and not (
-        os.environ.get("SDS_PERSIST_DIR") or os.environ.get("SDS_PERSISTENCE_DIR")
+    database = any(
+        options.get(name) or os.environ.get(env)
+        for name, env in (
+            ("database_url", "SDS_DATABASE_URL"),
+            ("database_url_file", "SDS_DATABASE_URL_FILE"),
+        )
+    )
+    if not database and not (
+        options.get("persist_dir")
+        or os.environ.get("SDS_PERSIST_DIR")
+        or os.environ.get("SDS_PERSISTENCE_DIR")
     ):
         options["persist_dir"] = str(DEV_DATA_DIR)
     explicit = options.get("jwt_secret_file") or os.environ.get("SDS_JWT_SECRET_FILE")
@@ -122,7 +131,9 @@ def _print_dev_banner(config: Config) -> None:
         "\n".join(
             [
                 f"sds dev server on http://{host}:{config.port} (loopback only)",
-                f"  store files:  {config.persist_dir}/  (persistence on)",
+                f"  store files:  {config.persist_dir}/  (persistence on)"
+                if config.persist_dir is not None
+                else "  stores:       in PostgreSQL (persistence on)",
                 f"  secret file:  {DEV_DATA_DIR / DEV_SECRET_FILE}  (reused on restart)",
                 f"  demo store:   {DEV_STORE}",
                 f"  admin token:  {admin}",
