@@ -422,3 +422,32 @@ async def test_a_second_server_writing_the_same_store_never_duplicates_a_clock(
     assert await reader_one.receive() == patch(4)
     stored = await stored_patches(database_url, "shared")
     assert stored == [(1, patch(1)[1:]), (2, patch(2)[1:]), (3, patch(4)[1:])]
+
+
+async def test_a_database_with_a_newer_schema_is_refused_at_start_up(
+    make_server: ServerFactory, database_url: str
+) -> None:
+    from sds.storage import StorageError
+
+    first = await make_server(database_url=database_url)
+    await first.server.close()
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("INSERT INTO sds_schema_version (version) VALUES (2)")
+    finally:
+        await conn.close()
+    with pytest.raises(StorageError, match="schema version 2"):
+        await make_server(database_url=database_url)
+
+
+def test_pool_size_must_be_positive() -> None:
+    result = run_sds(
+        "serve",
+        "--database-url",
+        "postgresql://u:pw-not-shown@127.0.0.1:1/db",
+        "--database-pool-size",
+        "0",
+    )
+    assert result.returncode == 2
+    assert "database-pool-size must be greater than 0" in one_error_line(result)
+    assert "pw-not-shown" not in result.stderr
