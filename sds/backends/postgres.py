@@ -91,6 +91,11 @@ SELECT 1
 The parts of one statement cannot see each other's rows, so the pruning of a
 snapshot only reaches patches committed earlier; patches of this same commit
 that the snapshot supersedes are left out of ``$2``/``$3`` beforehand."""
+INSERT_PATCHES = """
+INSERT INTO patches (store_id, clock, data)
+SELECT $1, $2::bigint + n, d FROM unnest($3::bytea[]) WITH ORDINALITY AS t(d, n)
+"""
+"""The common commit, patches alone: the clocks after ``$2`` follow the array's order."""
 HISTORY_PAGE = """
 SELECT clock, data FROM (
     SELECT clock, data, sum(octet_length(data)) OVER (ORDER BY clock) AS upto_here
@@ -196,8 +201,14 @@ class PgStore:
             async with self._io, storage.connection() as conn:
                 if self.clock is None:
                     self.clock = int(await conn.fetchval(MAX_CLOCK, self.store_id) or 0)
-                clock, args = self._statement_args(commit.ops, self.clock)
-                await conn.execute(COMMIT, self.store_id, *args)
+                ops = commit.ops
+                if len(ops) == 1 and isinstance(ops[0], PatchRun):
+                    payloads = ops[0].payloads
+                    await conn.execute(INSERT_PATCHES, self.store_id, self.clock, payloads)
+                    clock = self.clock + len(payloads)
+                else:
+                    clock, args = self._statement_args(ops, self.clock)
+                    await conn.execute(COMMIT, self.store_id, *args)
         except (*DB_ERRORS, StorageError) as exc:
             # The outcome is unknown when the connection broke after sending: read the
             # clock again before the next commit instead of guessing it.
