@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from sds.client import StoreClient
 from sds.config import Config, ConfigError, load_config, redacted_url
 from sds.protocol import value_chunk_frames
 from tests.conftest import RunningServer, ServerFactory, start_pg_cluster
-from tests.helpers import TEST_SECRET, clean_env, one_error_line, run_sds
+from tests.helpers import TEST_SECRET, clean_env, one_error_line, run_sds, spawn_server
 from tests.pg_cluster import PgCluster
 
 
@@ -451,3 +452,30 @@ def test_pool_size_must_be_positive() -> None:
     assert result.returncode == 2
     assert "database-pool-size must be greater than 0" in one_error_line(result)
     assert "pw-not-shown" not in result.stderr
+
+
+@pytest.mark.slow
+async def test_sigterm_commits_what_was_queued_and_exits_0(
+    database_url: str, tmp_path: Path
+) -> None:
+    env = clean_env(secret=TEST_SECRET, SDS_DATABASE_URL=database_url)
+    with spawn_server(env=env, cwd=tmp_path) as server:
+        status, body = server.healthz()
+        assert (status, body["storage"], body["persistence"]) == (200, "postgresql", True)
+        writer = StoreClient(server.ws_url, "flush", server.token("flush", sub="writer"))
+        reader = StoreClient(server.ws_url, "flush", server.token("flush", sub="reader"))
+        await writer.connect()
+        await reader.connect()
+        try:
+            sent = [patch(n) for n in range(500)]
+            for frame in sent:
+                await writer.send(frame)
+            received = [await reader.receive(timeout=10) for _ in sent]
+            code = await asyncio.to_thread(server.stop, signal.SIGTERM)
+        finally:
+            await writer.close()
+            await reader.close()
+    assert received == sent
+    assert code == 0
+    assert [b"\x01" + data for _, data in await stored_patches(database_url, "flush")] == sent
+    assert database_url.split("@")[0].rsplit(":", 1)[1] not in server.stdout + server.stderr
