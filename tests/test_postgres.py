@@ -17,7 +17,14 @@ from sds.client import StoreClient
 from sds.config import Config, ConfigError, load_config, redacted_url
 from sds.protocol import value_chunk_frames
 from tests.conftest import RunningServer, ServerFactory, start_pg_cluster
-from tests.helpers import TEST_SECRET, clean_env, one_error_line, run_sds, spawn_server
+from tests.helpers import (
+    TEST_SECRET,
+    clean_env,
+    one_error_line,
+    run_sds,
+    spawn_server,
+    upgrade_request,
+)
 from tests.pg_cluster import PgCluster
 
 
@@ -370,6 +377,14 @@ async def test_database_going_away_fails_writes_cleanly_and_serving_resumes_by_i
 
     await asyncio.sleep(1.5)  # the outage goes on: still no traceback in the log
     assert not [r.getMessage() for r in caplog.records if r.exc_info]
+    # A new store cannot be opened meanwhile: 503 before the upgrade, without
+    # naming the database to the client.
+    status, refusal, _ = await upgrade_request(
+        f"{server.ws_url}/ws/another?token={server.token('another')}"
+    )
+    assert status == 503
+    assert str(own_cluster.port) not in str(refusal)
+    assert "database is unavailable" in str(refusal)
 
     await asyncio.to_thread(own_cluster.start)
     async with asyncio.timeout(30):

@@ -198,7 +198,7 @@ class PgStore:
         started = time.perf_counter()
         self._writing = commit.size
         try:
-            async with self._io, storage.connection() as conn:
+            async with self._io, storage.connection(quiet=True) as conn:
                 if self.clock is None:
                     self.clock = int(await conn.fetchval(MAX_CLOCK, self.store_id) or 0)
                 ops = commit.ops
@@ -209,7 +209,7 @@ class PgStore:
                 else:
                     clock, args = self._statement_args(ops, self.clock)
                     await conn.execute(COMMIT, self.store_id, *args)
-        except (*DB_ERRORS, StorageError) as exc:
+        except Exception as exc:  # whatever the cause, a commit that did not succeed failed
             # The outcome is unknown when the connection broke after sending: read the
             # clock again before the next commit instead of guessing it.
             self.clock = None
@@ -366,7 +366,8 @@ class PgStorage:
         text = str(exc) or type(exc).__name__
         password = urllib.parse.urlsplit(self._url).password
         if password:
-            text = text.replace(password, "***")
+            for form in (password, urllib.parse.unquote(password)):
+                text = text.replace(form, "***")
         return " ".join(text.split())
 
     async def start(self) -> None:
@@ -409,16 +410,25 @@ class PgStorage:
         log.info("storage: PostgreSQL at %s, schema version %d", self.where, SCHEMA_VERSION)
 
     @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[Any]:
-        """A pooled connection; database errors become StorageError for readers."""
+    async def connection(self, *, quiet: bool = False) -> AsyncIterator[Any]:
+        """A pooled connection; a database error becomes StorageError.
+
+        The StorageError's text may reach clients (a refused upgrade), so it does
+        not name the database; the detail is logged here unless ``quiet`` (the
+        caller reports it itself) and stays on the exception's ``__cause__``.
+        """
         pool = self._pool
         if pool is None:
-            raise StorageError(f"PostgreSQL at {self.where} is closed")
+            raise StorageError("the database is closed")
         try:
             async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
                 yield conn
         except DB_ERRORS as exc:
-            raise StorageError(f"PostgreSQL at {self.where}: {self._clean(exc)}") from None
+            if not quiet:
+                log.warning(
+                    "reading from PostgreSQL at %s failed: %s", self.where, self._clean(exc)
+                )
+            raise StorageError("the database is unavailable") from exc
 
     @property
     def failures(self) -> list[str]:
@@ -428,9 +438,8 @@ class PgStorage:
         return sum(store.queued_writes() for store in self._stores.values())
 
     def commit_failed(self, store_id: str, exc: BaseException) -> None:
-        message = self._clean(exc)
-        if not isinstance(exc, StorageError):
-            message = f"PostgreSQL at {self.where}: {message}"
+        cause = exc.__cause__ if isinstance(exc, StorageError) and exc.__cause__ else exc
+        message = f"PostgreSQL at {self.where}: {self._clean(cause)}"
         self._failures[store_id] = message
         self.metrics.commit_failures += 1
         log.error("storage write failed for store %s: %s", store_id, message)
@@ -447,7 +456,7 @@ class PgStorage:
             while self._failures and self._pool is not None:
                 await asyncio.sleep(PROBE_SECONDS)
                 try:
-                    async with self.connection() as conn:
+                    async with self.connection(quiet=True) as conn:
                         await conn.fetchval("SELECT 1")
                 except (*DB_ERRORS, StorageError):
                     continue
