@@ -272,7 +272,7 @@ def test_unreachable_database_exits_2_with_one_line_without_the_password() -> No
     )
     assert result.returncode == 2
     line = one_error_line(result)
-    assert f"127.0.0.1:{port}/stores" in line
+    assert line.startswith(f"sds: cannot connect to PostgreSQL at 127.0.0.1:{port}/stores: ")
     assert "very-secret-pw" not in result.stderr + result.stdout
 
 
@@ -291,6 +291,7 @@ def test_refused_login_exits_2_with_one_line_without_the_password(
     )
     assert result.returncode == 2
     line = one_error_line(result)
+    assert line.startswith("sds: cannot connect to PostgreSQL at ")
     assert "password authentication failed" in line
     assert f"{pg_cluster.host}:{pg_cluster.port}/postgres" in line
     assert "wrong-password-xyz" not in result.stderr + result.stdout
@@ -494,3 +495,25 @@ async def test_sigterm_commits_what_was_queued_and_exits_0(
     assert code == 0
     assert [b"\x01" + data for _, data in await stored_patches(database_url, "flush")] == sent
     assert database_url.split("@")[0].rsplit(":", 1)[1] not in server.stdout + server.stderr
+
+
+def test_a_role_that_cannot_create_the_schema_exits_2_naming_the_problem(
+    pg_cluster: PgCluster, database_url: str
+) -> None:
+    database = database_url.rsplit("/", 1)[1]
+    role = "r_" + database[2:]
+    pg_cluster.psql(f"CREATE ROLE {role} LOGIN PASSWORD 'no-ddl-pw-123'")
+    try:
+        url = database_url.replace("sds:", f"{role}:", 1).replace(
+            f":{pg_cluster.password}@", ":no-ddl-pw-123@"
+        )
+        result = run_sds(
+            "serve", "--port", "0", env=clean_env(secret=TEST_SECRET, SDS_DATABASE_URL=url)
+        )
+        assert result.returncode == 2
+        line = one_error_line(result)
+        assert line.startswith("sds: cannot create the schema in PostgreSQL at ")
+        assert "permission denied for schema public" in line
+        assert "no-ddl-pw-123" not in result.stderr + result.stdout
+    finally:
+        pg_cluster.psql(f"DROP ROLE {role}")

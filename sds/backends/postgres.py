@@ -381,33 +381,44 @@ class PgStorage:
                 command_timeout=COMMAND_TIMEOUT,
                 max_inactive_connection_lifetime=60.0,
             )
+            conn = await self._pool.acquire(timeout=CONNECT_TIMEOUT)
         except (*DB_ERRORS, ValueError) as exc:
+            await self._close_pool()
             raise StorageError(
                 f"cannot connect to PostgreSQL at {self.where}: {self._clean(exc)}"
             ) from None
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
-                await conn.execute(SCHEMA)
-                await conn.execute(
-                    "INSERT INTO sds_schema_version (version) VALUES ($1) ON CONFLICT DO NOTHING",
-                    SCHEMA_VERSION,
-                )
-                newest = await conn.fetchval("SELECT max(version) FROM sds_schema_version")
+            try:
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+                    await conn.execute(SCHEMA)
+                    await conn.execute(
+                        "INSERT INTO sds_schema_version (version) VALUES ($1) "
+                        "ON CONFLICT DO NOTHING",
+                        SCHEMA_VERSION,
+                    )
+                    newest = await conn.fetchval("SELECT max(version) FROM sds_schema_version")
+            finally:
+                with contextlib.suppress(*DB_ERRORS):
+                    await self._pool.release(conn)
         except DB_ERRORS as exc:
-            await self._pool.close()
-            self._pool = None
+            await self._close_pool()
             raise StorageError(
                 f"cannot create the schema in PostgreSQL at {self.where}: {self._clean(exc)}"
             ) from None
         if newest > SCHEMA_VERSION:
-            await self._pool.close()
-            self._pool = None
+            await self._close_pool()
             raise StorageError(
                 f"PostgreSQL at {self.where} has schema version {newest}; this server "
                 f"knows up to {SCHEMA_VERSION} (upgrade the server)"
             )
         log.info("storage: PostgreSQL at %s, schema version %d", self.where, SCHEMA_VERSION)
+
+    async def _close_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            with contextlib.suppress(*DB_ERRORS):
+                await asyncio.wait_for(pool.close(), COMMAND_TIMEOUT)
 
     @contextlib.asynccontextmanager
     async def connection(self, *, quiet: bool = False) -> AsyncIterator[Any]:
@@ -512,7 +523,4 @@ class PgStorage:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            with contextlib.suppress(*DB_ERRORS):
-                await asyncio.wait_for(pool.close(), COMMAND_TIMEOUT)
+        await self._close_pool()
