@@ -148,10 +148,11 @@ async def test_catch_up_pages_are_bounded_in_bytes_and_seamless(
     storage: Any = pg_server.app[STORAGE]
     storage.page_bytes = 1000  # several pages of a few rows each
     frames = [patch(n, size=300) for n in range(40)]
+    witness = await pg_server.connect("paged", scope="read")
     async with pg_server.client("paged") as writer:
         for frame in frames:
             await writer.send(frame)
-        await asyncio.sleep(0.3)
+        assert await receive_count(witness, 40) == frames  # relayed, so committed
     store_log = await storage.acquire("paged")
     try:
         pages = [page async for page in store_log.history(40)]
@@ -174,7 +175,9 @@ async def test_values_are_stored_per_store_and_answer_req_value(
     assert len(frames) == 2
     for frame in frames:
         await writer.send(frame)
-    await asyncio.sleep(0.3)
+    async with asyncio.timeout(10):
+        while len(await rows(database_url, "SELECT hash FROM blobs")) < 2:
+            await asyncio.sleep(0.05)
     stored = await rows(database_url, "SELECT store_id, hash, data FROM blobs ORDER BY hash")
     assert stored == [("vals", key(1).hex(), b"hello value"), ("vals", key(2).hex(), big)]
 
@@ -233,9 +236,10 @@ async def test_blob_mode_keeps_values_apart_from_the_snapshot(
     pg_server: RunningServer, database_url: str
 ) -> None:
     writer = await pg_server.connect("blobmode")
+    witness = await pg_server.connect("blobmode", scope="read")
     await writer.send(patch(1))
     await writer.send(b"\x02" + key(4) + b"v")
-    await asyncio.sleep(0.3)
+    assert await receive_count(witness, 2) == [patch(1), b"\x02" + key(4) + b"v"]
     assert await rows(database_url, "SELECT count(*) FROM snapshots") == [(0,)]
     assert await stored_patches(database_url, "blobmode") == [(1, patch(1)[1:])]
 
@@ -429,8 +433,9 @@ async def test_a_second_server_writing_the_same_store_never_duplicates_a_clock(
     await first.send(patch(1))  # clock 1; server one now counts from 1
     assert await reader_one.receive() == patch(1)
     second = await two.connect("shared", sub="two")
+    reader_two = await two.connect("shared", scope="read", sub="r2")
     await second.send(patch(2))  # server two reads clock 1 and commits clock 2
-    await asyncio.sleep(0.3)
+    assert await receive_count(reader_two, 2) == [patch(1), patch(2)]  # catch-up, live
     await first.send(patch(3))  # server one also takes clock 2: that commit fails
     assert await first.wait_closed(timeout=10) == 1011
     assert await reader_one.receive_all(0.3) == []
