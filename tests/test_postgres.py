@@ -522,3 +522,22 @@ def test_a_role_that_cannot_create_the_schema_exits_2_naming_the_problem(
         assert "no-ddl-pw-123" not in result.stderr + result.stdout
     finally:
         pg_cluster.psql(f"DROP ROLE {role}")
+
+
+@pytest.mark.slow
+async def test_dev_server_with_a_database_url_keeps_the_stores_in_postgresql(
+    database_url: str, tmp_path: Path
+) -> None:
+    env = clean_env(SDS_DATABASE_URL=database_url)
+    with spawn_server(["--dev"], env=env, cwd=tmp_path, log_dir=tmp_path / "logs") as server:
+        assert "in PostgreSQL (persistence on)" in server.stdout
+        token = next(
+            line.split()[-1] for line in server.stdout.splitlines() if "write token:" in line
+        )
+        async with StoreClient(server.ws_url, "demo", token) as writer:
+            await writer.send(patch(1))
+            async with asyncio.timeout(10):
+                while not await stored_patches(database_url, "demo"):
+                    await asyncio.sleep(0.05)
+    assert not (tmp_path / "sds-data" / "demo.db").exists()
+    assert await stored_patches(database_url, "demo") == [(1, patch(1)[1:])]
