@@ -25,7 +25,7 @@ from sds.appkeys import CONFIG, MAINTENANCE, STATE, STORAGE
 from sds.auth import authenticate, http_error, store_id_of
 from sds.config import VALUE_MODES
 from sds.maintenance import MaintenanceError, compact_file
-from sds.storage import StorageError, StoreBusy
+from sds.storage import Storage, StorageError, StoreBusy
 from sds.token_api import read_json
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ async def compact_handler(request: web.Request) -> web.Response:
     storage = request.app.get(STORAGE)
     if storage is None:
         raise http_error(404, "this server has no persist dir")
+    if not isinstance(storage, Storage):
+        raise http_error(404, "compaction through the server needs a persist dir (SQLite)")
     path = storage.path_of(store_id)
     if not path.is_file():
         raise http_error(404, f"no store file for {store_id!r}")

@@ -115,7 +115,8 @@ async def health(app: web.Application) -> tuple[bool, dict[str, object]]:
         problems.append(WRITE_FAILED)
     body: dict[str, object] = {
         "status": "ok" if not problems else "unavailable",
-        "persistence": config.persist_dir is not None,
+        "persistence": storage is not None,
+        "storage": "postgresql" if config.database_url else "sqlite" if storage else "none",
         "sqlite_version": SQLITE_VERSION,
         "connections": app[METRICS].connections_open,
         "signal_connections": app[METRICS].signal_connections_open,

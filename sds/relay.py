@@ -40,8 +40,8 @@ from sds.protocol import binary_frame_header, encode_server_frame, encode_server
 from sds.storage import StorageError
 
 if TYPE_CHECKING:
+    from sds.backends.base import Commit, Storage, StoreLog
     from sds.config import Config
-    from sds.storage import Commit, Storage, StoreLog
     from sds.tokens import Claims
 
 log = logging.getLogger(__name__)
@@ -609,7 +609,7 @@ class Relay:
         *,
         max_connections: int,
         max_connections_per_store: int,
-        storage: Storage | None = None,
+        storage: Storage[Any] | None = None,
         metrics: Metrics | None = None,
         max_pending_bytes_per_store: int = 64 * 1024 * 1024,
         max_pending_bytes_total: int = 256 * 1024 * 1024,

@@ -811,6 +811,10 @@ class StoreLog:
     async def read_blob_piece(self, reader: BlobReader, offset: int, size: int) -> bytes:
         return await self.file.read_blob_piece(reader, offset, size)
 
+    def paused(self) -> contextlib.AbstractAsyncContextManager[Path]:
+        """Let maintenance own the store's file (see ``StoreFile.paused``)."""
+        return self.file.paused()
+
     async def last_clock(self) -> int:
         """The highest committed clock of this store (its snapshot's when patches were pruned)."""
         return await self.file.last_clock(self.store_id)

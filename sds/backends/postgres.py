@@ -1,0 +1,526 @@
+"""PostgreSQL storage: every store in one database, group commits in one round trip.
+
+Tables (created on first start, idempotently, under an advisory lock so that
+several servers starting at once do not race on the DDL):
+
+* ``snapshots(store_id, data, clock)``: as in a SQLite store file.
+* ``patches(store_id, clock, data)``: primary key ``(store_id, clock)``; clocks
+  are gap-free per store (max + 1), assigned at commit.
+* ``blobs(store_id, hash, data, ref_count)``: primary key ``(store_id, hash)``.
+  One database holds every store, so a value belongs to the store that wrote
+  it; a store never answers REQ_VALUE with another store's value. (SQLite
+  files key blobs by hash alone to stay Node-compatible; nothing here has to
+  open in the Node server.)
+* ``sds_schema_version(version)``: the schema's version, for later migrations.
+
+Each open store has its own commit queue: writes arriving while a commit runs
+form the next commit, written by ONE statement (a single transaction, a single
+round trip) whatever it holds: patches through ``unnest`` of arrays, blobs
+upserted, a snapshot replaced with its older patches pruned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import urllib.parse
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+
+from sds.metrics import Metrics
+from sds.storage import GATHER_TURNS, Commit, PatchRun, StorageError, Write
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+SCHEMA_LOCK = 0x5D5_0001
+"""The advisory lock key held while the schema is created (any server, any database)."""
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS snapshots (
+    store_id TEXT PRIMARY KEY,
+    data BYTEA NOT NULL,
+    clock BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS patches (
+    store_id TEXT NOT NULL,
+    clock BIGINT NOT NULL,
+    data BYTEA NOT NULL,
+    PRIMARY KEY (store_id, clock)
+);
+CREATE TABLE IF NOT EXISTS blobs (
+    store_id TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    data BYTEA NOT NULL,
+    ref_count INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (store_id, hash)
+);
+CREATE TABLE IF NOT EXISTS sds_schema_version (
+    version INTEGER PRIMARY KEY,
+    applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+"""
+MAX_CLOCK = """
+SELECT greatest(
+    (SELECT max(clock) FROM patches WHERE store_id = $1),
+    (SELECT clock FROM snapshots WHERE store_id = $1)
+)
+"""
+COMMIT = """
+WITH new_patches AS (
+    INSERT INTO patches (store_id, clock, data)
+    SELECT $1, c, d FROM unnest($2::bigint[], $3::bytea[]) AS t(c, d)
+), new_blobs AS (
+    INSERT INTO blobs (store_id, hash, data, ref_count)
+    SELECT $1, h, d, 1 FROM unnest($4::text[], $5::bytea[]) AS t(h, d)
+    ON CONFLICT (store_id, hash) DO UPDATE SET data = excluded.data
+), new_snapshot AS (
+    INSERT INTO snapshots (store_id, data, clock)
+    SELECT $1, $6::bytea, $7::bigint WHERE $6::bytea IS NOT NULL
+    ON CONFLICT (store_id) DO UPDATE SET data = excluded.data, clock = excluded.clock
+), pruned AS (
+    DELETE FROM patches WHERE store_id = $1 AND $6::bytea IS NOT NULL AND clock <= $7::bigint
+)
+SELECT 1
+"""
+"""A whole group commit in one statement: one transaction, one round trip.
+
+The parts of one statement cannot see each other's rows, so the pruning of a
+snapshot only reaches patches committed earlier; patches of this same commit
+that the snapshot supersedes are left out of ``$2``/``$3`` beforehand."""
+INSERT_PATCHES = """
+INSERT INTO patches (store_id, clock, data)
+SELECT $1, $2::bigint + n, d FROM unnest($3::bytea[]) WITH ORDINALITY AS t(d, n)
+"""
+"""The common commit, patches alone: the clocks after ``$2`` follow the array's order."""
+HISTORY_PAGE = """
+SELECT clock, data FROM (
+    SELECT clock, data, sum(octet_length(data)) OVER (ORDER BY clock) AS upto_here
+    FROM patches
+    WHERE store_id = $1 AND clock > $2 AND clock <= $3
+    ORDER BY clock
+    LIMIT $4
+) AS page
+WHERE upto_here - octet_length(data) < $5
+ORDER BY clock
+"""
+"""One page of catch-up: at most $4 rows and, past the first row, at most $5 bytes."""
+HISTORY_PAGE_ROWS = 512
+HISTORY_PAGE_BYTES = 4 * 1024 * 1024
+CONNECT_TIMEOUT = 10.0
+COMMAND_TIMEOUT = 60.0
+PROBE_SECONDS = 0.5
+"""How often a failing storage checks whether the database answers again."""
+DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+def describe(url: str) -> str:
+    """``host:port/db`` of a database URL (for messages: never the user's password)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or "localhost"
+        port = parts.port or 5432
+    except ValueError:
+        return "the configured database"
+    query = urllib.parse.parse_qs(parts.query)
+    if "host" in query:
+        host = query["host"][0]
+    database = parts.path.lstrip("/") or parts.username or "postgres"
+    return f"{host}:{port}/{database}"
+
+
+class PgStore:
+    """One open store: its users, its commit queue and its clock."""
+
+    def __init__(self, storage: PgStorage, store_id: str) -> None:
+        self.storage = storage
+        self.store_id = store_id
+        self.users = 0
+        self.close_handle: asyncio.TimerHandle | None = None
+        self.clock: int | None = None
+        """The last committed clock, once read; None means "read it before the next commit"."""
+        self._next: Commit | None = None
+        self._writing = 0
+        self._committer: asyncio.Task[None] | None = None
+        self._io = asyncio.Lock()
+
+    def queued_writes(self) -> int:
+        return self._writing + (self._next.size if self._next is not None else 0)
+
+    def append_patch(self, payload: bytes) -> Commit:
+        commit = self._next or self._begin()
+        commit.add_patch(self.store_id, payload)  # type: ignore[arg-type]  # bytes bind as bytea
+        return commit
+
+    def submit(self, write: Write) -> Commit:
+        commit = self._next or self._begin()
+        commit.add(write)
+        return commit
+
+    def _begin(self) -> Commit:
+        commit = self._next = Commit(asyncio.get_running_loop())
+        if self._committer is None:
+            self._committer = asyncio.create_task(self._commit_loop())
+        return commit
+
+    async def _commit_loop(self) -> None:
+        try:
+            while self._next is not None:
+                commit = self._next
+                for _ in range(GATHER_TURNS):
+                    size = commit.size
+                    await asyncio.sleep(0)
+                    if commit.size == size:
+                        break
+                self._next = None
+                try:
+                    await self._commit(commit)
+                finally:
+                    if commit.ok is None:  # an unexpected error: nothing of it is relayed
+                        commit.ok = False
+                    commit.done.set_result(None)
+        finally:
+            self._committer = None
+
+    async def finish(self) -> None:
+        """Wait for the commits already queued (close and shutdown)."""
+        committer = self._committer
+        if committer is not None:
+            with contextlib.suppress(Exception):
+                await committer
+
+    async def _commit(self, commit: Commit) -> None:
+        storage = self.storage
+        metrics = storage.metrics
+        started = time.perf_counter()
+        self._writing = commit.size
+        try:
+            async with self._io, storage.connection(quiet=True) as conn:
+                if self.clock is None:
+                    self.clock = int(await conn.fetchval(MAX_CLOCK, self.store_id) or 0)
+                ops = commit.ops
+                if len(ops) == 1 and isinstance(ops[0], PatchRun):
+                    payloads = ops[0].payloads
+                    await conn.execute(INSERT_PATCHES, self.store_id, self.clock, payloads)
+                    clock = self.clock + len(payloads)
+                else:
+                    clock, args = self._statement_args(ops, self.clock)
+                    await conn.execute(COMMIT, self.store_id, *args)
+        except Exception as exc:  # whatever the cause, a commit that did not succeed failed
+            # The outcome is unknown when the connection broke after sending: read the
+            # clock again before the next commit instead of guessing it.
+            self.clock = None
+            commit.clocks = {}
+            commit.ok = False
+            storage.commit_failed(self.store_id, exc)
+        else:
+            self.clock = clock
+            if clock:
+                commit.clocks[self.store_id] = clock
+            commit.ok = True
+            storage.commit_succeeded(self.store_id)
+        finally:
+            self._writing = 0
+            elapsed = time.perf_counter() - started
+            metrics.commits += 1
+            metrics.commit_seconds_total += elapsed
+            metrics.commit_seconds_max = max(metrics.commit_seconds_max, elapsed)
+
+    @staticmethod
+    def _statement_args(ops: list[PatchRun | Write], clock: int) -> tuple[int, list[Any]]:
+        """The last clock after ``ops`` and the COMMIT statement's arguments ($2 to $7)."""
+        clocks: list[int] = []
+        payloads: list[Any] = []
+        blobs: dict[str, bytes] = {}
+        snapshot: bytes | None = None
+        snapshot_clock = 0
+        for op in ops:
+            if isinstance(op, PatchRun):
+                for payload in op.payloads:
+                    clock += 1
+                    clocks.append(clock)
+                    payloads.append(payload)
+            elif op.kind == "blob":
+                blobs[op.key] = op.data  # one row per key: the last write of a key wins
+            elif op.kind == "snapshot":
+                snapshot, snapshot_clock = op.data, clock
+        if snapshot is not None:
+            # Patches of this commit up to the snapshot are superseded by it, as the
+            # DELETE does for earlier ones.
+            keep = [i for i, c in enumerate(clocks) if c > snapshot_clock]
+            clocks = [clocks[i] for i in keep]
+            payloads = [payloads[i] for i in keep]
+        return clock, [
+            clocks,
+            payloads,
+            list(blobs),
+            list(blobs.values()),
+            snapshot,
+            snapshot_clock,
+        ]
+
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[object]:
+        """Maintenance owns the store: the running commit finishes, the next waits until the end."""
+        async with self._io:
+            yield self
+
+
+class PgStoreLog:
+    """What one store writes and reads in the database (``sds.backends.base.StoreLog``)."""
+
+    __slots__ = ("store", "store_id", "value_mode")
+
+    def __init__(self, store: PgStore, value_mode: str) -> None:
+        self.store = store
+        self.store_id = store.store_id
+        self.value_mode = value_mode
+
+    def append_patch(self, frame: bytes) -> Commit:
+        return self.store.append_patch(frame[1:])
+
+    def put_value(self, key: str, value: bytes, payload: bytes) -> Commit:
+        if self.value_mode == "snapshot":
+            return self.store.submit(Write(self.store_id, "snapshot", bytes(payload)))
+        return self.put_blob(key, value)
+
+    def put_blob(self, key: str, value: bytes) -> Commit:
+        return self.store.submit(Write(self.store_id, "blob", bytes(value), key=key))
+
+    async def read_blob(self, key: str) -> bytes | None:
+        async with self.store.storage.connection() as conn:
+            data = await conn.fetchval(
+                "SELECT data FROM blobs WHERE store_id = $1 AND hash = $2", self.store_id, key
+            )
+        return None if data is None else bytes(data)
+
+    async def last_clock(self) -> int:
+        async with self.store.storage.connection() as conn:
+            clock = int(await conn.fetchval(MAX_CLOCK, self.store_id) or 0)
+        return clock
+
+    async def history(self, upto: int) -> AsyncIterator[list[bytes]]:
+        """The snapshot as VALUE, then the patches up to ``upto`` in pages bounded by rows and bytes."""
+        storage = self.store.storage
+        async with storage.connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT data, clock FROM snapshots WHERE store_id = $1", self.store_id
+            )
+        after = 0
+        if row is not None:
+            after = int(row["clock"])
+            yield [b"\x02" + bytes(row["data"])]
+        while after < upto:
+            async with storage.connection() as conn:
+                rows = await conn.fetch(
+                    HISTORY_PAGE,
+                    self.store_id,
+                    after,
+                    upto,
+                    storage.page_rows,
+                    storage.page_bytes,
+                )
+            if not rows:
+                return
+            after = int(rows[-1]["clock"])
+            yield [b"\x01" + bytes(r["data"]) for r in rows]
+
+    def paused(self) -> contextlib.AbstractAsyncContextManager[object]:
+        return self.store.paused()
+
+
+class PgStorage:
+    """Every store of one PostgreSQL database, through one connection pool."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        value_mode: str = "blob",
+        pool_size: int = 10,
+        close_grace: float = 5.0,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._url = url
+        self.where = describe(url)
+        self.value_mode = value_mode
+        self.pool_size = pool_size
+        self.close_grace = close_grace
+        self.metrics = metrics or Metrics()
+        self.page_rows = HISTORY_PAGE_ROWS
+        self.page_bytes = HISTORY_PAGE_BYTES
+        self._pool: Any = None
+        self._stores: dict[str, PgStore] = {}
+        self._failures: dict[str, str] = {}
+        self._probe: asyncio.Task[None] | None = None
+        self._closers: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return f"PgStorage({self.where})"
+
+    def _clean(self, exc: BaseException) -> str:
+        """An error's text for logs and /healthz, with any trace of the password removed."""
+        text = str(exc) or type(exc).__name__
+        password = urllib.parse.urlsplit(self._url).password
+        if password:
+            for form in (password, urllib.parse.unquote(password)):
+                text = text.replace(form, "***")
+        return " ".join(text.split())
+
+    async def start(self) -> None:
+        """Connect and create the schema; StorageError (one line, no password) when impossible."""
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._url,
+                min_size=0,  # no background reconnect loop logging tracebacks during an outage
+                max_size=self.pool_size,
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=COMMAND_TIMEOUT,
+                max_inactive_connection_lifetime=60.0,
+            )
+            conn = await self._pool.acquire(timeout=CONNECT_TIMEOUT)
+        except (*DB_ERRORS, ValueError) as exc:
+            await self._close_pool()
+            raise StorageError(
+                f"cannot connect to PostgreSQL at {self.where}: {self._clean(exc)}"
+            ) from None
+        try:
+            try:
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+                    await conn.execute(SCHEMA)
+                    await conn.execute(
+                        "INSERT INTO sds_schema_version (version) VALUES ($1) "
+                        "ON CONFLICT DO NOTHING",
+                        SCHEMA_VERSION,
+                    )
+                    newest = await conn.fetchval("SELECT max(version) FROM sds_schema_version")
+            finally:
+                with contextlib.suppress(*DB_ERRORS):
+                    await self._pool.release(conn)
+        except DB_ERRORS as exc:
+            await self._close_pool()
+            raise StorageError(
+                f"cannot create the schema in PostgreSQL at {self.where}: {self._clean(exc)}"
+            ) from None
+        if newest > SCHEMA_VERSION:
+            await self._close_pool()
+            raise StorageError(
+                f"PostgreSQL at {self.where} has schema version {newest}; this server "
+                f"knows up to {SCHEMA_VERSION} (upgrade the server)"
+            )
+        log.info("storage: PostgreSQL at %s, schema version %d", self.where, SCHEMA_VERSION)
+
+    async def _close_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            with contextlib.suppress(*DB_ERRORS):
+                await asyncio.wait_for(pool.close(), COMMAND_TIMEOUT)
+
+    @contextlib.asynccontextmanager
+    async def connection(self, *, quiet: bool = False) -> AsyncIterator[Any]:
+        """A pooled connection; a database error becomes StorageError.
+
+        The StorageError's text may reach clients (a refused upgrade), so it does
+        not name the database; the detail is logged here unless ``quiet`` (the
+        caller reports it itself) and stays on the exception's ``__cause__``.
+        """
+        pool = self._pool
+        if pool is None:
+            raise StorageError("the database is closed")
+        try:
+            async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
+                yield conn
+        except DB_ERRORS as exc:
+            if not quiet:
+                log.warning(
+                    "reading from PostgreSQL at %s failed: %s", self.where, self._clean(exc)
+                )
+            raise StorageError("the database is unavailable") from exc
+
+    @property
+    def failures(self) -> list[str]:
+        return list(self._failures.values())
+
+    def queued_writes(self) -> int:
+        return sum(store.queued_writes() for store in self._stores.values())
+
+    def commit_failed(self, store_id: str, exc: BaseException) -> None:
+        cause = exc.__cause__ if isinstance(exc, StorageError) and exc.__cause__ else exc
+        message = f"PostgreSQL at {self.where}: {self._clean(cause)}"
+        self._failures[store_id] = message
+        self.metrics.commit_failures += 1
+        log.error("storage write failed for store %s: %s", store_id, message)
+        if self._probe is None and self._pool is not None:
+            self._probe = asyncio.create_task(self._probe_until_back())
+
+    def commit_succeeded(self, store_id: str) -> None:
+        if self._failures:
+            self._failures.pop(store_id, None)
+
+    async def _probe_until_back(self) -> None:
+        """While writes fail: ask the database every PROBE_SECONDS; clear the failures once it answers."""
+        try:
+            while self._failures and self._pool is not None:
+                await asyncio.sleep(PROBE_SECONDS)
+                try:
+                    async with self.connection(quiet=True) as conn:
+                        await conn.fetchval("SELECT 1")
+                except (*DB_ERRORS, StorageError):
+                    continue
+                log.info("storage: PostgreSQL at %s answers again", self.where)
+                self._failures.clear()
+        finally:
+            self._probe = None
+
+    async def acquire(self, store_id: str) -> PgStoreLog:
+        if self._pool is None:
+            raise StorageError(f"PostgreSQL at {self.where} is closed")
+        store = self._stores.get(store_id)
+        if store is None:
+            store = self._stores[store_id] = PgStore(self, store_id)
+        if store.close_handle is not None:
+            store.close_handle.cancel()
+            store.close_handle = None
+        store.users += 1
+        return PgStoreLog(store, self.value_mode)
+
+    def release(self, store_log: PgStoreLog) -> None:
+        store = store_log.store
+        store.users -= 1
+        if store.users == 0 and store.close_handle is None:
+            store.close_handle = asyncio.get_running_loop().call_later(
+                self.close_grace, self._close_idle, store
+            )
+
+    def _close_idle(self, store: PgStore) -> None:
+        store.close_handle = None
+        if store.users == 0:
+            task = asyncio.get_running_loop().create_task(self._forget(store))
+            self._closers.add(task)
+            task.add_done_callback(self._closers.discard)
+
+    async def _forget(self, store: PgStore) -> None:
+        await store.finish()
+        if store.users == 0 and self._stores.get(store.store_id) is store:
+            del self._stores[store.store_id]
+
+    async def close(self) -> None:
+        """Finish every queued commit, then close the pool."""
+        for store in list(self._stores.values()):
+            if store.close_handle is not None:
+                store.close_handle.cancel()
+                store.close_handle = None
+            await store.finish()
+        self._stores.clear()
+        for task in list(self._closers):
+            with contextlib.suppress(Exception):
+                await task
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+        await self._close_pool()
