@@ -23,9 +23,10 @@ from aiohttp import web
 
 from sds.appkeys import CONFIG, MAINTENANCE, STATE, STORAGE
 from sds.auth import authenticate, http_error, store_id_of
+from sds.backends.base import StorageError, StoreBusy
 from sds.config import VALUE_MODES
 from sds.maintenance import MaintenanceError, compact_file
-from sds.storage import Storage, StorageError, StoreBusy
+from sds.storage import Storage
 from sds.token_api import read_json
 
 log = logging.getLogger(__name__)

@@ -30,6 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from sds.backends.base import StoreBusy
 from sds.maintenance import (
     TABLES,
     MaintenanceError,
@@ -43,7 +44,7 @@ from sds.maintenance import (
     store_files,
     store_ids,
 )
-from sds.storage import SQLITE_VERSION, STORE_FILE_MODE, StoreBusy, connect_sync, try_lock
+from sds.storage import SQLITE_VERSION, STORE_FILE_MODE, connect_sync, try_lock
 
 ARCHIVE_PREFIX = "sds-backup-"
 ARCHIVE_SUFFIX = ".tar.gz"

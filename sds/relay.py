@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 from aiohttp import web
 
 from sds.appkeys import TASKS
+from sds.backends.base import StorageError
 from sds.background import Tasks, spawn
 from sds.budget import ByteBudget, PendingBytes
 from sds.metrics import Metrics
 from sds.protocol import binary_frame_header, encode_server_frame, encode_server_frames
-from sds.storage import StorageError
 
 if TYPE_CHECKING:
     from sds.backends.base import Commit, Storage, StoreLog

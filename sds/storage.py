@@ -43,6 +43,8 @@ from typing import Any
 
 import aiosqlite
 
+from sds.backends import base
+from sds.backends.base import BlobChanged, StorageError, StoreBusy
 from sds.background import Tasks
 from sds.metrics import Metrics
 
@@ -133,14 +135,6 @@ def _insert_statement(rows: int) -> str:
     """
     values = ", ".join(f"(?1, ?2 + {row}, ?{row + 3})" for row in range(rows))
     return "INSERT INTO patches (store_id, clock, data) VALUES " + values
-
-
-class StorageError(Exception):
-    """A store file could not be opened or written."""
-
-
-class StoreBusy(StorageError):
-    """Another process holds the store file's lock, or too many files are open."""
 
 
 class StoreLocked(StoreBusy):
@@ -735,10 +729,6 @@ class StoreFile:
             yield self.path
 
 
-class BlobChanged(StorageError):
-    """A value was overwritten (or its file compacted) while it was read in pieces."""
-
-
 class BlobReader:
     """Where one stored value is, for reading it in pieces (see ``StoreFile.open_blob``)."""
 
@@ -808,7 +798,9 @@ class StoreLog:
         """This store's value for ``key``, to read in pieces (see ``StoreFile.open_blob``)."""
         return self.file.open_blob(self.store_id, key)
 
-    async def read_blob_piece(self, reader: BlobReader, offset: int, size: int) -> bytes:
+    async def read_blob_piece(self, reader: base.BlobReader, offset: int, size: int) -> bytes:
+        if not isinstance(reader, BlobReader):
+            raise TypeError("a value opened by another backend")
         return await self.file.read_blob_piece(reader, offset, size)
 
     def paused(self) -> contextlib.AbstractAsyncContextManager[Path]:

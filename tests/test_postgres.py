@@ -146,20 +146,27 @@ async def test_catch_up_pages_are_bounded_in_bytes_and_seamless(
     from sds.appkeys import STORAGE
 
     storage: Any = pg_server.app[STORAGE]
-    storage.page_bytes = 1000  # several pages of a few rows each
     frames = [patch(n, size=300) for n in range(40)]
     witness = await pg_server.connect("paged", scope="read")
     async with pg_server.client("paged") as writer:
         for frame in frames:
             await writer.send(frame)
         assert await receive_count(witness, 40) == frames  # relayed, so committed
+    reserved: list[int] = []
+
+    async def reserve(size: int) -> None:
+        reserved.append(size)
+
     store_log = await storage.acquire("paged")
     try:
-        pages = [page async for page in store_log.history(40)]
+        history = store_log.history(40, page_bytes=1000, reserve=reserve)
+        pages = [page async for page in history]
     finally:
         storage.release(store_log)
-    assert [frame for page in pages for frame in page] == frames
-    assert all(sum(map(len, page[:-1])) < 1000 for page in pages)
+    assert [prefix + bytes(data) for page in pages for prefix, data in page] == frames
+    # Each page was reserved before it was read, at its size, within the page bound.
+    assert reserved == [sum(len(data) for _, data in page) for page in pages]
+    assert all(size <= 1000 for size in reserved)
     assert len(pages) >= 10
     joiner = await pg_server.connect("paged", scope="read")
     assert await receive_count(joiner, 40) == frames
@@ -190,6 +197,33 @@ async def test_values_are_stored_per_store_and_answer_req_value(
     stranger = await pg_server.connect("other-store", scope="read")
     await stranger.send(b"\x03" + key(1))
     assert await stranger.receive_all(0.4) == []
+
+
+async def test_a_value_is_read_in_pieces_and_an_overwrite_stops_the_reading(
+    pg_server: RunningServer,
+) -> None:
+    from sds.appkeys import STORAGE
+    from sds.backends.base import BlobChanged
+
+    storage: Any = pg_server.app[STORAGE]
+    value = bytes(range(256)) * 64
+    store_log = await storage.acquire("pieces")
+    try:
+        commit = store_log.put_blob(key(7).hex(), value)
+        await commit.done
+        assert commit.ok
+        async with store_log.open_blob(key(7).hex()) as reader:
+            assert reader.size == len(value)
+            assert await store_log.read_blob_piece(reader, 1000, 500) == value[1000:1500]
+            assert await store_log.read_blob_piece(reader, 0, 10) == value[:10]
+            overwrite = store_log.put_blob(key(7).hex(), b"x" * len(value))
+            await overwrite.done
+            with pytest.raises(BlobChanged):
+                await store_log.read_blob_piece(reader, 1500, 500)
+        async with store_log.open_blob(key(8).hex()) as missing:
+            assert missing is None
+    finally:
+        storage.release(store_log)
 
 
 async def test_snapshot_mode_replaces_the_snapshot_and_prunes_older_patches(

@@ -10,9 +10,21 @@ gap-free per store, ``history`` yields what a joiner receives.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol, TypeVar
+
+
+class StorageError(Exception):
+    """A store could not be opened, read or written (its text may reach clients: no secrets)."""
+
+
+class StoreBusy(StorageError):
+    """The store is held elsewhere, or too many stores are open: try again later."""
+
+
+class BlobChanged(StorageError):
+    """A value was overwritten (or its store compacted) while it was read in pieces."""
 
 
 class Commit(Protocol):
@@ -26,6 +38,16 @@ class Commit(Protocol):
     done: asyncio.Future[None]
     ok: bool | None
     clocks: dict[str, int]
+
+
+class BlobReader(Protocol):
+    """A stored value opened for reading in pieces (what a backend needs to find it again)."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
 
 
 class StoreLog(Protocol):
@@ -45,16 +67,33 @@ class StoreLog(Protocol):
         """Store a value (a completed VALUE_CHUNK sequence) under its hex key."""
         ...
 
-    async def read_blob(self, key: str) -> bytes | None:
-        """The stored value of a hex key, or None (answers REQ_VALUE)."""
+    def open_blob(self, key: str) -> AbstractAsyncContextManager[BlobReader | None]:
+        """This store's value for a hex key, to read in pieces (None: the store has none).
+
+        Nothing of the value is read yet, and commits go on while it is read.
+        """
+        ...
+
+    async def read_blob_piece(self, reader: BlobReader, offset: int, size: int) -> bytes:
+        """``size`` bytes of an opened value from ``offset``, never the whole value at once.
+
+        Raises BlobChanged when the value was overwritten since ``open_blob``.
+        """
         ...
 
     async def last_clock(self) -> int:
         """The highest committed clock of the store (its snapshot's when patches were pruned)."""
         ...
 
-    def history(self, upto: int) -> AsyncIterator[list[bytes]]:
-        """What a joiner receives up to ``upto``, in bounded pages: snapshot as VALUE, then patches."""
+    def history(
+        self, upto: int, *, page_bytes: int, reserve: Callable[[int], Awaitable[None]]
+    ) -> AsyncGenerator[list[tuple[bytes, bytes]], None]:
+        """What a joiner receives up to ``upto``: the snapshot as VALUE, then patches in clock order.
+
+        Frames are (type byte, payload) pairs. A page holds at most ``page_bytes``
+        (but at least one frame) and is read only after ``reserve`` of its size
+        returned (the caller's memory budget).
+        """
         ...
 
     def paused(self) -> AbstractAsyncContextManager[object]:
@@ -75,6 +114,10 @@ class Storage(Protocol[LogT]):
 
     def queued_writes(self) -> int:
         """Writes waiting for their commit (the commit queue gauge)."""
+        ...
+
+    def advertise(self, url: str) -> None:
+        """The server is reached at ``url`` from now on (recorded where the backend needs it)."""
         ...
 
     async def acquire(self, store_id: str) -> LogT:

@@ -26,13 +26,23 @@ import contextlib
 import logging
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
 
+from sds.backends import base
+from sds.backends.base import BlobChanged, StorageError
 from sds.metrics import Metrics
-from sds.storage import GATHER_TURNS, Commit, PatchRun, StorageError, Write
+from sds.storage import (
+    GATHER_TURNS,
+    PATCH_PREFIX,
+    VALUE_PREFIX,
+    VIEW_BINDING_BYTES,
+    Commit,
+    PatchRun,
+    Write,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +68,7 @@ CREATE TABLE IF NOT EXISTS blobs (
     ref_count INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (store_id, hash)
 );
+ALTER TABLE blobs ALTER COLUMN data SET STORAGE EXTERNAL;
 CREATE TABLE IF NOT EXISTS sds_schema_version (
     version INTEGER PRIMARY KEY,
     applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
@@ -97,19 +108,25 @@ SELECT $1, $2::bigint + n, d FROM unnest($3::bytea[]) WITH ORDINALITY AS t(d, n)
 """
 """The common commit, patches alone: the clocks after ``$2`` follow the array's order."""
 HISTORY_PAGE = """
-SELECT clock, data FROM (
-    SELECT clock, data, sum(octet_length(data)) OVER (ORDER BY clock) AS upto_here
-    FROM patches
-    WHERE store_id = $1 AND clock > $2 AND clock <= $3
-    ORDER BY clock
-    LIMIT $4
-) AS page
-WHERE upto_here - octet_length(data) < $5
+SELECT clock, octet_length(data) AS size FROM patches
+WHERE store_id = $1 AND clock > $2 AND clock <= $3
 ORDER BY clock
+LIMIT $4
 """
-"""One page of catch-up: at most $4 rows and, past the first row, at most $5 bytes."""
+"""The clocks and sizes of the next catch-up page (at most $4 rows), without the data."""
+READ_PATCHES = """
+SELECT data FROM patches WHERE store_id = $1 AND clock > $2 AND clock <= $3 ORDER BY clock
+"""
+BLOB_SIZE = """
+SELECT octet_length(data), xmin::text FROM blobs WHERE store_id = $1 AND hash = $2
+"""
+"""A value's size and the version of its row (``xmin`` changes with every overwrite)."""
+BLOB_PIECE = """
+SELECT substring(data from $3 for $4) FROM blobs
+WHERE store_id = $1 AND hash = $2 AND xmin::text = $5
+"""
+"""One piece of a value (``$3`` counts from 1); no row when the value was overwritten since."""
 HISTORY_PAGE_ROWS = 512
-HISTORY_PAGE_BYTES = 4 * 1024 * 1024
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 60.0
 PROBE_SECONDS = 0.5
@@ -150,9 +167,9 @@ class PgStore:
     def queued_writes(self) -> int:
         return self._writing + (self._next.size if self._next is not None else 0)
 
-    def append_patch(self, payload: bytes) -> Commit:
+    def append_patch(self, payload: bytearray | memoryview) -> Commit:
         commit = self._next or self._begin()
-        commit.add_patch(self.store_id, payload)  # type: ignore[arg-type]  # bytes bind as bytea
+        commit.add_patch(self.store_id, payload)
         return commit
 
     def submit(self, write: Write) -> Commit:
@@ -224,10 +241,7 @@ class PgStore:
             storage.commit_succeeded(self.store_id)
         finally:
             self._writing = 0
-            elapsed = time.perf_counter() - started
-            metrics.commits += 1
-            metrics.commit_seconds_total += elapsed
-            metrics.commit_seconds_max = max(metrics.commit_seconds_max, elapsed)
+            metrics.observe_commit(time.perf_counter() - started, ok=commit.ok is True)
 
     @staticmethod
     def _statement_args(ops: list[PatchRun | Write], clock: int) -> tuple[int, list[Any]]:
@@ -269,6 +283,17 @@ class PgStore:
             yield self
 
 
+class PgBlobReader:
+    """A value opened for reading in pieces: its key, size and row version."""
+
+    __slots__ = ("key", "size", "version")
+
+    def __init__(self, key: str, size: int, version: str) -> None:
+        self.key = key
+        self.size = size
+        self.version = version
+
+
 class PgStoreLog:
     """What one store writes and reads in the database (``sds.backends.base.StoreLog``)."""
 
@@ -280,7 +305,14 @@ class PgStoreLog:
         self.value_mode = value_mode
 
     def append_patch(self, frame: bytes) -> Commit:
-        return self.store.append_patch(frame[1:])
+        payload: bytearray | memoryview
+        if len(frame) > VIEW_BINDING_BYTES:
+            # Held once: the commit binds a view of the frame the relay holds anyway.
+            payload = memoryview(frame)[1:]
+        else:
+            payload = bytearray(frame)
+            del payload[0]
+        return self.store.append_patch(payload)
 
     def put_value(self, key: str, value: bytes, payload: bytes) -> Commit:
         if self.value_mode == "snapshot":
@@ -290,43 +322,74 @@ class PgStoreLog:
     def put_blob(self, key: str, value: bytes) -> Commit:
         return self.store.submit(Write(self.store_id, "blob", bytes(value), key=key))
 
-    async def read_blob(self, key: str) -> bytes | None:
+    @contextlib.asynccontextmanager
+    async def open_blob(self, key: str) -> AsyncIterator[PgBlobReader | None]:
+        """This store's value for ``key`` (its size and row version), to read in pieces."""
         async with self.store.storage.connection() as conn:
-            data = await conn.fetchval(
-                "SELECT data FROM blobs WHERE store_id = $1 AND hash = $2", self.store_id, key
+            row = await conn.fetchrow(BLOB_SIZE, self.store_id, key)
+        yield None if row is None else PgBlobReader(key, int(row[0]), str(row[1]))
+
+    async def read_blob_piece(self, reader: base.BlobReader, offset: int, size: int) -> bytes:
+        """``size`` bytes from ``offset``, read by ``substring`` in the database.
+
+        The blobs column is stored uncompressed (``STORAGE EXTERNAL``), so a piece
+        is read without the rest of the value. BlobChanged when the row was
+        overwritten since ``open_blob`` (by this server or another).
+        """
+        if not isinstance(reader, PgBlobReader):
+            raise TypeError("a value opened by another backend")
+        async with self.store.storage.connection() as conn:
+            piece = await conn.fetchval(
+                BLOB_PIECE, self.store_id, reader.key, offset + 1, size, reader.version
             )
-        return None if data is None else bytes(data)
+        if piece is None or len(piece) != size:
+            raise BlobChanged(f"value {reader.key[:12]} changed while it was read")
+        return bytes(piece)
 
     async def last_clock(self) -> int:
         async with self.store.storage.connection() as conn:
             clock = int(await conn.fetchval(MAX_CLOCK, self.store_id) or 0)
         return clock
 
-    async def history(self, upto: int) -> AsyncIterator[list[bytes]]:
-        """The snapshot as VALUE, then the patches up to ``upto`` in pages bounded by rows and bytes."""
+    async def history(
+        self,
+        upto: int,
+        *,
+        page_bytes: int,
+        reserve: Callable[[int], Awaitable[None]],
+    ) -> AsyncGenerator[list[tuple[bytes, bytes]], None]:
+        """The snapshot as VALUE, then the patches up to ``upto``, in pages (see ``base.StoreLog``)."""
         storage = self.store.storage
-        async with storage.connection() as conn:
-            row = await conn.fetchrow(
-                "SELECT data, clock FROM snapshots WHERE store_id = $1", self.store_id
-            )
         after = 0
-        if row is not None:
-            after = int(row["clock"])
-            yield [b"\x02" + bytes(row["data"])]
+        async with storage.connection() as conn:
+            size = await conn.fetchval(
+                "SELECT octet_length(data) FROM snapshots WHERE store_id = $1", self.store_id
+            )
+        if size is not None:
+            await reserve(int(size))
+            async with storage.connection() as conn:
+                row = await conn.fetchrow(
+                    "SELECT data, clock FROM snapshots WHERE store_id = $1", self.store_id
+                )
+            if row is not None:
+                after = int(row["clock"])
+                yield [(VALUE_PREFIX, row["data"])]
         while after < upto:
             async with storage.connection() as conn:
-                rows = await conn.fetch(
-                    HISTORY_PAGE,
-                    self.store_id,
-                    after,
-                    upto,
-                    storage.page_rows,
-                    storage.page_bytes,
-                )
-            if not rows:
+                rows = await conn.fetch(HISTORY_PAGE, self.store_id, after, upto, storage.page_rows)
+            last, total = after, 0
+            for clock, row_size in rows:
+                if total and total + row_size > page_bytes:
+                    break
+                last, total = int(clock), total + int(row_size)
+            if last == after:
                 return
-            after = int(rows[-1]["clock"])
-            yield [b"\x01" + bytes(r["data"]) for r in rows]
+            await reserve(total)
+            async with storage.connection() as conn:
+                data = await conn.fetch(READ_PATCHES, self.store_id, after, last)
+            after = last
+            if data:
+                yield [(PATCH_PREFIX, record[0]) for record in data]
 
     def paused(self) -> contextlib.AbstractAsyncContextManager[object]:
         return self.store.paused()
@@ -345,13 +408,14 @@ class PgStorage:
         metrics: Metrics | None = None,
     ) -> None:
         self._url = url
+        self.url: str | None = None
+        """Where this server is reached (``advertise``); the database URL is ``_url``."""
         self.where = describe(url)
         self.value_mode = value_mode
         self.pool_size = pool_size
         self.close_grace = close_grace
         self.metrics = metrics or Metrics()
         self.page_rows = HISTORY_PAGE_ROWS
-        self.page_bytes = HISTORY_PAGE_BYTES
         self._pool: Any = None
         self._stores: dict[str, PgStore] = {}
         self._failures: dict[str, str] = {}
@@ -447,6 +511,10 @@ class PgStorage:
 
     def queued_writes(self) -> int:
         return sum(store.queued_writes() for store in self._stores.values())
+
+    def advertise(self, url: str) -> None:
+        """Remember the server's URL (a database has no lock files to record it in)."""
+        self.url = url
 
     def commit_failed(self, store_id: str, exc: BaseException) -> None:
         cause = exc.__cause__ if isinstance(exc, StorageError) and exc.__cause__ else exc

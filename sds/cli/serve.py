@@ -58,7 +58,7 @@ def serve(dev: bool, **options: Any) -> None:
     # The banner (with its tokens) is printed once the port is bound: a busy port
     # gives one line and exit 2, not tokens for a server that never ran.
     on_bound = (lambda url: _print_dev_banner(config, url)) if dev else None
-    from sds.storage import StorageError
+    from sds.backends.base import StorageError
 
     try:
         run(config, on_bound=on_bound)
