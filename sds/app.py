@@ -40,10 +40,11 @@ from sds.backends import open_storage
 from sds.background import Tasks
 from sds.chunks import ChunkBudget
 from sds.config import SETTINGS, Config
+from sds.connections import CLOSE_GOING_AWAY
 from sds.health import StorageHealth, healthz_handler
 from sds.logs import flush_log_summaries, redact_access_log
 from sds.metrics import Metrics, sds_version
-from sds.relay import CLOSE_GOING_AWAY, Relay
+from sds.relay import Relay
 from sds.signalling import Signalling, signal_handler
 from sds.token_api import token_handler
 from sds.ws_handler import ws_handler

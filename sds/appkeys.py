@@ -18,8 +18,9 @@ if TYPE_CHECKING:
     from typing import Any
 
     from sds.backends.base import Storage
+    from sds.connections import Client
     from sds.health import StorageHealth
-    from sds.relay import Client, Relay
+    from sds.relay import Relay
     from sds.signalling import Signalling
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sds.backends.base import StoreBusy
-from sds.storage import (
+from sds.backends.sqlite import (
     OWN_BLOB_TABLES,
     SQLITE_VERSION,
     STORE_FILE_MODE,

@@ -24,13 +24,13 @@ import time
 from typing import TYPE_CHECKING
 
 from sds.backends.base import BlobChanged, StorageError
+from sds.connections import HISTORY_STALL_SECONDS
 from sds.protocol import CHUNK_BYTES, KEY_BYTES, REQ_VALUE, VALUE, VALUE_CHUNK
-from sds.relay import HISTORY_STALL_SECONDS
 
 if TYPE_CHECKING:
     from sds.backends.base import StoreLog
+    from sds.connections import Client
     from sds.metrics import Metrics
-    from sds.relay import Client
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from sds.backends.base import StoreBusy
+from sds.backends.sqlite import store_filename, try_lock
 from sds.client import StoreClient
-from sds.storage import StoreBusy, store_filename, try_lock
 from tests.conftest import RunningServer, ServerFactory
 
 

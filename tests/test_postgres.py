@@ -483,7 +483,7 @@ async def test_a_second_server_writing_the_same_store_never_duplicates_a_clock(
 async def test_a_database_with_a_newer_schema_is_refused_at_start_up(
     make_server: ServerFactory, database_url: str
 ) -> None:
-    from sds.storage import StorageError
+    from sds.backends.base import StorageError
 
     first = await make_server(database_url=database_url)
     await first.server.close()

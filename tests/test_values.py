@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from sds.appkeys import METRICS, STATE
+from sds.backends.sqlite import store_filename
 from sds.protocol import CHUNK_BYTES, value_chunk_frames
-from sds.storage import store_filename
 from tests.conftest import RunningServer, ServerFactory
 
 

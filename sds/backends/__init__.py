@@ -1,6 +1,6 @@
 """Storage backends, and the one place where the configuration chooses one.
 
-``--persist-dir`` keeps every store in its own SQLite file (``sds.storage``);
+``--persist-dir`` keeps every store in its own SQLite file (``sds.backends.sqlite``);
 ``--database-url`` keeps every store in one PostgreSQL database
 (``sds.backends.postgres``, imported only when configured); neither is relay
 only. Everything else uses the shapes of ``sds.backends.base``.
@@ -37,7 +37,7 @@ async def open_storage(
         await storage.start()
         return storage
     if config.persist_dir is not None:
-        from sds.storage import Storage as SqliteStorage
+        from sds.backends.sqlite import Storage as SqliteStorage
 
         check_persist_dir(config.persist_dir)
         return SqliteStorage(

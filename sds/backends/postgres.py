@@ -24,25 +24,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 import urllib.parse
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
 from typing import Any
 
 import asyncpg
 
 from sds.backends import base
-from sds.backends.base import BlobChanged, StorageError
-from sds.metrics import Metrics
-from sds.storage import (
+from sds.backends.base import (
     GATHER_TURNS,
     PATCH_PREFIX,
     VALUE_PREFIX,
-    VIEW_BINDING_BYTES,
+    BlobChanged,
     Commit,
+    CompactionFailed,
     PatchRun,
+    StorageError,
+    UnknownStore,
     Write,
+    patch_payload,
 )
+from sds.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +137,57 @@ COMMAND_TIMEOUT = 60.0
 PROBE_SECONDS = 0.5
 """How often a failing storage checks whether the database answers again."""
 DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+COMPACT_LOCK = 0x5D5_0002
+"""Advisory lock class of compaction (with ``hashtext(store_id)``): one at a time per store."""
+REMOVE_SUPERSEDED = """
+DELETE FROM patches
+WHERE store_id = $1 AND clock <= (SELECT clock FROM snapshots WHERE store_id = $1)
+"""
+REMOVE_DUPLICATES = """
+DELETE FROM patches AS p USING (
+    SELECT clock, row_number() OVER (PARTITION BY data ORDER BY clock) AS nth
+    FROM patches
+    WHERE store_id = $1
+      AND clock > coalesce((SELECT clock FROM snapshots WHERE store_id = $1), 0)
+) AS d
+WHERE p.store_id = $1 AND p.clock = d.clock AND d.nth > 1
+"""
+"""Byte-identical repeats of a patch a joiner replays, all but the first (``bytea`` compares
+bytes). A patch hidden behind the snapshot never makes a later, visible copy go."""
+STORE_EXISTS = """
+SELECT EXISTS (SELECT 1 FROM patches WHERE store_id = $1)
+    OR EXISTS (SELECT 1 FROM snapshots WHERE store_id = $1)
+    OR EXISTS (SELECT 1 FROM blobs WHERE store_id = $1)
+"""
+
+
+async def compact_store(conn: Any, store_id: str, *, value_mode: str) -> dict[str, int] | None:
+    """Compact one store in one transaction; the counts removed (None: nothing is stored).
+
+    Safe while servers write the store: new patches only add rows with higher
+    clocks, which this transaction neither reads nor deletes. What could change
+    the rows it decides on is a snapshot write (which prunes older patches): the
+    transaction holds ``snapshots`` in SHARE mode, so such a commit waits for it
+    (patch commits do not). Two compactions of one store take turns on an
+    advisory lock.
+    """
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", COMPACT_LOCK, store_id)
+        await conn.execute("LOCK TABLE snapshots IN SHARE MODE")
+        if not await conn.fetchval(STORE_EXISTS, store_id):
+            return None
+        superseded = 0
+        if value_mode == "snapshot":
+            superseded = _row_count(await conn.execute(REMOVE_SUPERSEDED, store_id))
+        duplicates = _row_count(await conn.execute(REMOVE_DUPLICATES, store_id))
+    return {"duplicates": duplicates, "superseded": superseded}
+
+
+def _row_count(status: str) -> int:
+    """The rows of a command status (``DELETE 3``)."""
+    return int(status.rsplit(" ", 1)[-1])
 
 
 def describe(url: str) -> str:
@@ -305,14 +361,7 @@ class PgStoreLog:
         self.value_mode = value_mode
 
     def append_patch(self, frame: bytes) -> Commit:
-        payload: bytearray | memoryview
-        if len(frame) > VIEW_BINDING_BYTES:
-            # Held once: the commit binds a view of the frame the relay holds anyway.
-            payload = memoryview(frame)[1:]
-        else:
-            payload = bytearray(frame)
-            del payload[0]
-        return self.store.append_patch(payload)
+        return self.store.append_patch(patch_payload(frame))
 
     def put_value(self, key: str, value: bytes, payload: bytes) -> Commit:
         if self.value_mode == "snapshot":
@@ -409,6 +458,7 @@ class PgStorage:
     ) -> None:
         self._url = url
         self.url: str | None = None
+        self.instance = secrets.token_hex(8)
         """Where this server is reached (``advertise``); the database URL is ``_url``."""
         self.where = describe(url)
         self.value_mode = value_mode
@@ -575,6 +625,40 @@ class PgStorage:
         await store.finish()
         if store.users == 0 and self._stores.get(store.store_id) is store:
             del self._stores[store.store_id]
+
+    async def compact(
+        self, store_id: str, *, value_mode: str, executor: Executor
+    ) -> dict[str, Any]:
+        """Compact one store in the database (``compact_store``); its report (JSON).
+
+        The store's commits on this server wait meanwhile; other servers' commits of
+        the store go on (see ``compact_store``). Nothing blocks, so ``executor`` is unused.
+        """
+        if self._pool is None:
+            raise StorageError(f"PostgreSQL at {self.where} is closed")
+        store = self._stores.get(store_id)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if store is not None:
+                    await stack.enter_async_context(store.paused())
+                conn = await stack.enter_async_context(self.connection(quiet=True))
+                details = await compact_store(conn, store_id, value_mode=value_mode)
+        except StorageError as exc:
+            cause = exc.__cause__ or exc
+            raise CompactionFailed(
+                f"compaction of {store_id!r} failed: {self._clean(cause)}"
+            ) from None
+        if details is None:
+            raise UnknownStore(f"unknown store {store_id!r}: nothing stored")
+        return {
+            "file": self.where,
+            "store_ids": [store_id],
+            "duplicates_removed": details["duplicates"],
+            "superseded_removed": details["superseded"],
+            "via": "server",
+            "details": {store_id: details},
+            "server": {"database": self.where, "instance": self.instance},
+        }
 
     async def close(self) -> None:
         """Finish every queued commit, then close the pool."""
