@@ -223,9 +223,10 @@ def copy_store_file(source: Path, target: Path) -> FileEntry:
     except MaintenanceError as exc:
         raise BackupError(str(exc)) from None
     try:
-        dst = sqlite3.connect(target, isolation_level=None)
+        dst = connect_sync(target, journal="delete")
         try:
             src.backup(dst)
+            # The copied header carries the source's WAL mode: one file in the archive.
             dst.execute("PRAGMA journal_mode=DELETE")
             ids, rows, check = describe(dst)
         finally:

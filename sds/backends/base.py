@@ -11,7 +11,8 @@ gap-free per store, ``history`` yields what a joiner receives.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable, Callable
+import hashlib
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from concurrent.futures import Executor
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, TypeVar
@@ -182,6 +183,119 @@ class StoreLog(Protocol):
         ...
 
 
+class HistorySource(Protocol):
+    """The reads ``joiner_pages`` needs from one store of a backend."""
+
+    async def snapshot_size(self) -> int | None:
+        """The size of the store's snapshot (None without one), read without its data."""
+        ...
+
+    async def read_snapshot(self) -> tuple[bytes, int] | None:
+        """The snapshot's VALUE payload and clock, or None."""
+        ...
+
+    async def patch_sizes(self, after: int, upto: int, limit: int) -> list[tuple[int, int]]:
+        """(clock, size) of at most ``limit`` patches with ``after < clock <= upto``, in clock order."""
+        ...
+
+    async def read_patches(self, after: int, last: int) -> list[bytes]:
+        """The payloads of the patches with ``after < clock <= last``, in clock order."""
+        ...
+
+
+HISTORY_PAGE_ROWS = 128
+"""Rows in one catch-up page at most; a page is also bounded in bytes by the caller."""
+ALL_CLOCKS = 1 << 62
+"""An ``upto`` past every clock: the whole history (maintenance)."""
+
+
+async def joiner_pages(
+    source: HistorySource,
+    upto: int,
+    *,
+    page_bytes: int,
+    reserve: Callable[[int], Awaitable[None]],
+) -> AsyncGenerator[list[tuple[bytes, bytes]], None]:
+    """What a client joining the store receives, up to clock ``upto``, in pages.
+
+    The one definition of a joiner's view, on every backend: the snapshot (if
+    any) as a VALUE frame, then the patches after the snapshot's clock in clock
+    order. The server's catch-up sends it, and compaction checks against it that
+    a joiner receives the same frames before and after. A frame is a (type byte,
+    payload) pair; a page holds at most ``page_bytes`` (but at least one frame)
+    and is read only after ``reserve`` of its size returned.
+    """
+    after = 0
+    size = await source.snapshot_size()
+    if size is not None:
+        await reserve(size)
+        snapshot = await source.read_snapshot()
+        if snapshot is not None:
+            data, after = snapshot
+            yield [(VALUE_PREFIX, data)]
+    while after < upto:
+        last, total = after, 0
+        for clock, row_size in await source.patch_sizes(after, upto, HISTORY_PAGE_ROWS):
+            if total and total + row_size > page_bytes:
+                break
+            last, total = clock, total + row_size
+        if last == after:
+            return
+        await reserve(total)
+        rows = await source.read_patches(after, last)
+        after = last
+        if rows:
+            yield [(PATCH_PREFIX, data) for data in rows]
+
+
+async def _no_budget(_size: int) -> None:
+    return None
+
+
+async def joiner_digests(source: HistorySource, *, page_bytes: int = 4 << 20) -> list[bytes]:
+    """The SHA-256 of every frame a joiner receives of the whole history, in order.
+
+    What compaction compares before and after (digests, not frames: a store's
+    history need not fit in memory twice).
+    """
+    digests = []
+    pages = joiner_pages(source, ALL_CLOCKS, page_bytes=page_bytes, reserve=_no_budget)
+    async for page in pages:
+        for prefix, data in page:
+            digest = hashlib.sha256(prefix)
+            digest.update(data)
+            digests.append(digest.digest())
+    return digests
+
+
+def distinct_in_order(items: list[bytes]) -> list[bytes]:
+    """Each distinct item once, at its first occurrence (what compaction must preserve)."""
+    seen: set[bytes] = set()
+    result = []
+    for item in items:
+        if item not in seen:
+            seen.add(item)
+            result.append(item)
+    return result
+
+
+def run_without_suspending(coro: Coroutine[Any, Any, T]) -> T:
+    """The result of a coroutine that never suspends (its awaits complete at once).
+
+    Maintenance reads SQLite files through a ``sqlite3`` connection in its own
+    thread; ``joiner_pages`` over such a source awaits nothing that waits, so it
+    is driven here without an event loop. RuntimeError if it does suspend.
+    """
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    coro.close()
+    raise RuntimeError("a synchronous history source suspended")
+
+
+T = TypeVar("T")
 LogT = TypeVar("LogT", bound=StoreLog)
 
 

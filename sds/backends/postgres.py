@@ -36,8 +36,6 @@ import asyncpg
 from sds.backends import base
 from sds.backends.base import (
     GATHER_TURNS,
-    PATCH_PREFIX,
-    VALUE_PREFIX,
     BlobChanged,
     Commit,
     CompactionFailed,
@@ -45,6 +43,9 @@ from sds.backends.base import (
     StorageError,
     UnknownStore,
     Write,
+    distinct_in_order,
+    joiner_digests,
+    joiner_pages,
     patch_payload,
 )
 from sds.metrics import Metrics
@@ -112,7 +113,7 @@ INSERT INTO patches (store_id, clock, data)
 SELECT $1, $2::bigint + n, d FROM unnest($3::bytea[]) WITH ORDINALITY AS t(d, n)
 """
 """The common commit, patches alone: the clocks after ``$2`` follow the array's order."""
-HISTORY_PAGE = """
+PATCH_SIZES = """
 SELECT clock, octet_length(data) AS size FROM patches
 WHERE store_id = $1 AND clock > $2 AND clock <= $3
 ORDER BY clock
@@ -131,7 +132,6 @@ SELECT substring(data from $3 for $4) FROM blobs
 WHERE store_id = $1 AND hash = $2 AND xmin::text = $5
 """
 """One piece of a value (``$3`` counts from 1); no row when the value was overwritten since."""
-HISTORY_PAGE_ROWS = 512
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 60.0
 PROBE_SECONDS = 0.5
@@ -166,6 +166,10 @@ SELECT EXISTS (SELECT 1 FROM patches WHERE store_id = $1)
 async def compact_store(conn: Any, store_id: str, *, value_mode: str) -> dict[str, int] | None:
     """Compact one store in one transaction; the counts removed (None: nothing is stored).
 
+    Inside the transaction, what a joiner receives (``base.joiner_pages``, the
+    server's own catch-up) is compared before and after: each distinct frame once,
+    in the same order, or the transaction is rolled back (CompactionFailed).
+
     Safe while servers write the store: new patches only add rows with higher
     clocks, which this transaction neither reads nor deletes. What could change
     the rows it decides on is a snapshot write (which prunes older patches): the
@@ -178,10 +182,17 @@ async def compact_store(conn: Any, store_id: str, *, value_mode: str) -> dict[st
         await conn.execute("LOCK TABLE snapshots IN SHARE MODE")
         if not await conn.fetchval(STORE_EXISTS, store_id):
             return None
+        history = PgHistory.of_connection(conn, store_id)
+        before = await joiner_digests(history)
         superseded = 0
         if value_mode == "snapshot":
             superseded = _row_count(await conn.execute(REMOVE_SUPERSEDED, store_id))
         duplicates = _row_count(await conn.execute(REMOVE_DUPLICATES, store_id))
+        if await joiner_digests(history) != distinct_in_order(before):
+            # Raising rolls the transaction back: nothing of it is applied.
+            raise CompactionFailed(
+                f"compaction of {store_id!r} would change what a joiner receives; not applied"
+            )
     return {"duplicates": duplicates, "superseded": superseded}
 
 
@@ -203,6 +214,50 @@ def describe(url: str) -> str:
         host = query["host"][0]
     database = parts.path.lstrip("/") or parts.username or "postgres"
     return f"{host}:{port}/{database}"
+
+
+class PgHistory:
+    """A store's history in the database (``base.HistorySource``).
+
+    ``connect()`` gives the connection of each read: a pooled one per query
+    (catch-up), or the one connection of a transaction (compaction's check).
+    """
+
+    __slots__ = ("connect", "store_id")
+
+    def __init__(
+        self, connect: Callable[[], contextlib.AbstractAsyncContextManager[Any]], store_id: str
+    ) -> None:
+        self.connect = connect
+        self.store_id = store_id
+
+    @classmethod
+    def of_connection(cls, conn: Any, store_id: str) -> PgHistory:
+        return cls(lambda: contextlib.nullcontext(conn), store_id)
+
+    async def snapshot_size(self) -> int | None:
+        async with self.connect() as conn:
+            size = await conn.fetchval(
+                "SELECT octet_length(data) FROM snapshots WHERE store_id = $1", self.store_id
+            )
+        return None if size is None else int(size)
+
+    async def read_snapshot(self) -> tuple[bytes, int] | None:
+        async with self.connect() as conn:
+            row = await conn.fetchrow(
+                "SELECT data, clock FROM snapshots WHERE store_id = $1", self.store_id
+            )
+        return None if row is None else (row["data"], int(row["clock"]))
+
+    async def patch_sizes(self, after: int, upto: int, limit: int) -> list[tuple[int, int]]:
+        async with self.connect() as conn:
+            rows = await conn.fetch(PATCH_SIZES, self.store_id, after, upto, limit)
+        return [(int(clock), int(size)) for clock, size in rows]
+
+    async def read_patches(self, after: int, last: int) -> list[bytes]:
+        async with self.connect() as conn:
+            rows = await conn.fetch(READ_PATCHES, self.store_id, after, last)
+        return [row[0] for row in rows]
 
 
 class PgStore:
@@ -400,45 +455,19 @@ class PgStoreLog:
             clock = int(await conn.fetchval(MAX_CLOCK, self.store_id) or 0)
         return clock
 
-    async def history(
+    def history(
         self,
         upto: int,
         *,
         page_bytes: int,
         reserve: Callable[[int], Awaitable[None]],
     ) -> AsyncGenerator[list[tuple[bytes, bytes]], None]:
-        """The snapshot as VALUE, then the patches up to ``upto``, in pages (see ``base.StoreLog``)."""
-        storage = self.store.storage
-        after = 0
-        async with storage.connection() as conn:
-            size = await conn.fetchval(
-                "SELECT octet_length(data) FROM snapshots WHERE store_id = $1", self.store_id
-            )
-        if size is not None:
-            await reserve(int(size))
-            async with storage.connection() as conn:
-                row = await conn.fetchrow(
-                    "SELECT data, clock FROM snapshots WHERE store_id = $1", self.store_id
-                )
-            if row is not None:
-                after = int(row["clock"])
-                yield [(VALUE_PREFIX, row["data"])]
-        while after < upto:
-            async with storage.connection() as conn:
-                rows = await conn.fetch(HISTORY_PAGE, self.store_id, after, upto, storage.page_rows)
-            last, total = after, 0
-            for clock, row_size in rows:
-                if total and total + row_size > page_bytes:
-                    break
-                last, total = int(clock), total + int(row_size)
-            if last == after:
-                return
-            await reserve(total)
-            async with storage.connection() as conn:
-                data = await conn.fetch(READ_PATCHES, self.store_id, after, last)
-            after = last
-            if data:
-                yield [(PATCH_PREFIX, record[0]) for record in data]
+        """What a joiner receives up to ``upto`` (``base.joiner_pages``), read in pages.
+
+        Each read takes a pooled connection for that query alone.
+        """
+        source = PgHistory(self.store.storage.connection, self.store_id)
+        return joiner_pages(source, upto, page_bytes=page_bytes, reserve=reserve)
 
     def paused(self) -> contextlib.AbstractAsyncContextManager[object]:
         return self.store.paused()
@@ -465,7 +494,6 @@ class PgStorage:
         self.pool_size = pool_size
         self.close_grace = close_grace
         self.metrics = metrics or Metrics()
-        self.page_rows = HISTORY_PAGE_ROWS
         self._pool: Any = None
         self._stores: dict[str, PgStore] = {}
         self._failures: dict[str, str] = {}
@@ -643,6 +671,8 @@ class PgStorage:
                     await stack.enter_async_context(store.paused())
                 conn = await stack.enter_async_context(self.connection(quiet=True))
                 details = await compact_store(conn, store_id, value_mode=value_mode)
+        except CompactionFailed:
+            raise
         except StorageError as exc:
             cause = exc.__cause__ or exc
             raise CompactionFailed(

@@ -39,15 +39,14 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
 from sds.backends import base
 from sds.backends.base import (
+    ALL_CLOCKS,
     GATHER_TURNS,
-    PATCH_PREFIX,
-    VALUE_PREFIX,
     BlobChanged,
     Commit,
     CompactionFailed,
@@ -56,12 +55,16 @@ from sds.backends.base import (
     StoreBusy,
     UnknownStore,
     Write,
+    joiner_digests,
+    joiner_pages,
     patch_payload,
+    run_without_suspending,
 )
 from sds.background import Tasks
 from sds.metrics import Metrics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -103,8 +106,6 @@ _FIND_BLOB = (
 """Where a store's value for a key is: its own row in store_blobs first, then blobs when the
 row there is the store's or has no owner. ``length()`` of a BLOB does not read its content."""
 SQLITE_VERSION = sqlite3.sqlite_version
-HISTORY_PAGE_ROWS = 128
-"""Rows in one catch-up page at most; the page is also bounded in bytes by the caller."""
 MAX_ROWS_PER_INSERT = 10_000
 """Rows in one INSERT: one variable each (and two shared), under SQLite's limit of 32766."""
 STATEMENT_CACHE = 512
@@ -301,6 +302,8 @@ def _read_record(fd: int) -> LockRecord | None:
         return None
 
 
+BUSY_TIMEOUT_MS = 5000
+"""How long a statement waits for another connection's lock on the file."""
 STORE_FILE_MODE = 0o600
 """A new store file is readable by its owner alone (SQLite gives its -wal and -shm the same)."""
 
@@ -313,17 +316,45 @@ def create_private(path: Path) -> None:
         )
 
 
-def connect_sync(path: Path, *, sync: str = "normal", readonly: bool = False) -> sqlite3.Connection:
-    """Open a store file with the server's pragmas (used by the CLI and tests)."""
+def connect_sync(
+    path: Path,
+    *,
+    sync: str = "normal",
+    readonly: bool = False,
+    journal: str = "wal",
+    cached_statements: int = 128,
+) -> sqlite3.Connection:
+    """Open a store file: the one way the server, maintenance and backup open one.
+
+    Autocommit (transactions are explicit), a busy timeout, and unless
+    ``readonly``: a new file created with mode 0600, WAL journal (``journal``
+    "delete" for a copy that goes into an archive as one file), ``synchronous``
+    from ``--sync``, and the schema (idempotent). The server runs it on its
+    aiosqlite thread (``StoreFile.open``); the CLI in its own thread.
+    """
     if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
-    else:
-        create_private(path)
-        conn = sqlite3.connect(path, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro",
+            uri=True,
+            isolation_level=None,
+            cached_statements=cached_statements,
+        )
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        return conn
+    create_private(path)
+    conn = sqlite3.connect(
+        path,
+        isolation_level=None,
+        cached_statements=cached_statements,
+    )
+    try:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA journal_mode={journal.upper()}")
         conn.execute(f"PRAGMA synchronous={sync.upper()}")
         conn.executescript(SCHEMA)
-    conn.execute("PRAGMA busy_timeout=5000")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -363,14 +394,13 @@ class StoreFile:
             log.error("cannot lock store file %s: %s", self.path.name, exc.strerror)
             raise StorageError(f"cannot lock {self.path.name}: {exc.strerror}") from None
         try:
-            await loop.run_in_executor(executor, create_private, self.path)
-            self._db = await aiosqlite.connect(
-                self.path, isolation_level=None, cached_statements=STATEMENT_CACHE
+            # connect_sync runs on the connection's own thread, as every later statement.
+            self._db = await aiosqlite.Connection(
+                functools.partial(
+                    connect_sync, self.path, sync=self.sync, cached_statements=STATEMENT_CACHE
+                ),
+                iter_chunk_size=64,
             )
-            await self._db.execute("PRAGMA journal_mode=WAL")
-            await self._db.execute(f"PRAGMA synchronous={self.sync.upper()}")
-            await self._db.execute("PRAGMA busy_timeout=5000")
-            await self._db.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             log.error("cannot open store file %s: %s", self.path.name, exc)
             await self.close()
@@ -615,59 +645,12 @@ class StoreFile:
         async with self._reading():
             return await self._max_clock(store_id)
 
-    async def read_snapshot(self, store_id: str) -> tuple[bytes, int] | None:
-        async with (
-            self._reading() as db,
-            db.execute("SELECT data, clock FROM snapshots WHERE store_id = ?", (store_id,)) as cur,
-        ):
-            row = await cur.fetchone()
-        return (bytes(row[0]), int(row[1])) if row else None
-
-    async def snapshot_size(self, store_id: str) -> int | None:
-        """The size of a store's snapshot (None without one), read without its data."""
-        async with (
-            self._reading() as db,
-            db.execute("SELECT length(data) FROM snapshots WHERE store_id = ?", (store_id,)) as cur,
-        ):
-            row = await cur.fetchone()
-        return int(row[0]) if row else None
-
-    async def page_of_patches(
-        self, store_id: str, after: int, upto: int, max_bytes: int
-    ) -> tuple[int, int]:
-        """The next catch-up page after ``after``: (its last clock, its bytes), without the data.
-
-        A page holds at most HISTORY_PAGE_ROWS rows and ``max_bytes`` bytes, but at
-        least one row; (after, 0) when no patch is left up to ``upto``.
-        """
-        async with (
-            self._reading() as db,
-            db.execute(
-                "SELECT clock, length(data) FROM patches "
-                "WHERE store_id = ? AND clock > ? AND clock <= ? ORDER BY clock LIMIT ?",
-                (store_id, after, upto, HISTORY_PAGE_ROWS),
-            ) as cur,
-        ):
-            rows = await cur.fetchall()
-        last, total = after, 0
-        for clock, size in rows:
-            if total and total + size > max_bytes:
-                break
-            last, total = int(clock), total + int(size)
-        return last, total
-
-    async def read_patches(self, store_id: str, after: int, last: int) -> list[bytes]:
-        """The payloads of the patches with ``after < clock <= last``, in clock order."""
-        async with (
-            self._reading() as db,
-            db.execute(
-                "SELECT data FROM patches WHERE store_id = ? AND clock > ? AND clock <= ? "
-                "ORDER BY clock",
-                (store_id, after, last),
-            ) as cur,
-        ):
-            rows = await cur.fetchall()
-        return [data for (data,) in rows]
+    async def run_read(self, read: Callable[..., T], *args: Any) -> T:
+        """``read(connection, *args)`` on the file's connection (its thread), between commits."""
+        async with self._reading() as db:
+            # aiosqlite runs a function on its thread with the raw sqlite3 connection.
+            result: T = await db._execute(read, db._conn, *args)
+            return result
 
     @contextlib.asynccontextmanager
     async def paused(self) -> AsyncIterator[Path]:
@@ -710,6 +693,99 @@ def _read_blob_piece(
         return blob.read(size)
 
 
+def snapshot_size(conn: sqlite3.Connection, store_id: str) -> int | None:
+    """The size of a store's snapshot (None without one); ``length()`` does not read the data."""
+    row = conn.execute("SELECT length(data) FROM snapshots WHERE store_id = ?", (store_id,))
+    found = row.fetchone()
+    return int(found[0]) if found else None
+
+
+def read_snapshot(conn: sqlite3.Connection, store_id: str) -> tuple[bytes, int] | None:
+    row = conn.execute(
+        "SELECT data, clock FROM snapshots WHERE store_id = ?", (store_id,)
+    ).fetchone()
+    return (bytes(row[0]), int(row[1])) if row else None
+
+
+def patch_sizes(
+    conn: sqlite3.Connection, store_id: str, after: int, upto: int, limit: int
+) -> list[tuple[int, int]]:
+    rows = conn.execute(
+        "SELECT clock, length(data) FROM patches "
+        "WHERE store_id = ? AND clock > ? AND clock <= ? ORDER BY clock LIMIT ?",
+        (store_id, after, upto, limit),
+    ).fetchall()
+    return [(int(clock), int(size)) for clock, size in rows]
+
+
+def read_patches(conn: sqlite3.Connection, store_id: str, after: int, last: int) -> list[bytes]:
+    rows = conn.execute(
+        "SELECT data FROM patches WHERE store_id = ? AND clock > ? AND clock <= ? ORDER BY clock",
+        (store_id, after, last),
+    ).fetchall()
+    return [data for (data,) in rows]
+
+
+class SqliteHistory:
+    """A store's history in a SQLite file (``base.HistorySource``), read through ``run``.
+
+    ``run(read, *args)`` calls ``read(connection, *args)``: on the server's connection
+    in its thread (``StoreFile.run_read``), or on a connection of the calling thread
+    (``SqliteHistory.of_connection``, maintenance).
+    """
+
+    __slots__ = ("run", "store_id")
+
+    def __init__(self, run: Callable[..., Awaitable[Any]], store_id: str) -> None:
+        self.run = run
+        self.store_id = store_id
+
+    @classmethod
+    def of_connection(cls, conn: sqlite3.Connection, store_id: str) -> SqliteHistory:
+        async def run(read: Callable[..., Any], *args: Any) -> Any:
+            return read(conn, *args)
+
+        return cls(run, store_id)
+
+    async def snapshot_size(self) -> int | None:
+        size: int | None = await self.run(snapshot_size, self.store_id)
+        return size
+
+    async def read_snapshot(self) -> tuple[bytes, int] | None:
+        snapshot: tuple[bytes, int] | None = await self.run(read_snapshot, self.store_id)
+        return snapshot
+
+    async def patch_sizes(self, after: int, upto: int, limit: int) -> list[tuple[int, int]]:
+        sizes: list[tuple[int, int]] = await self.run(
+            patch_sizes, self.store_id, after, upto, limit
+        )
+        return sizes
+
+    async def read_patches(self, after: int, last: int) -> list[bytes]:
+        rows: list[bytes] = await self.run(read_patches, self.store_id, after, last)
+        return rows
+
+
+def joiner_frames(conn: sqlite3.Connection, store_id: str) -> list[bytes]:
+    """The frames a client joining ``store_id`` receives from this file (maintenance, tests)."""
+
+    async def collect() -> list[bytes]:
+        source = SqliteHistory.of_connection(conn, store_id)
+        pages = joiner_pages(source, ALL_CLOCKS, page_bytes=4 << 20, reserve=_no_reserve)
+        return [prefix + bytes(data) async for page in pages for prefix, data in page]
+
+    return run_without_suspending(collect())
+
+
+def joiner_view_digests(conn: sqlite3.Connection, store_id: str) -> list[bytes]:
+    """``base.joiner_digests`` of a store in this file (compaction's before/after check)."""
+    return run_without_suspending(joiner_digests(SqliteHistory.of_connection(conn, store_id)))
+
+
+async def _no_reserve(_size: int) -> None:
+    return None
+
+
 class StoreLog:
     """What one store writes and reads in its file."""
 
@@ -750,36 +826,16 @@ class StoreLog:
         """The highest committed clock of this store (its snapshot's when patches were pruned)."""
         return await self.file.last_clock(self.store_id)
 
-    async def history(
+    def history(
         self,
         upto: int,
         *,
         page_bytes: int,
         reserve: Callable[[int], Awaitable[None]],
     ) -> AsyncGenerator[list[tuple[bytes, bytes]], None]:
-        """The stored frames up to clock ``upto`` in pages: the snapshot as VALUE, then patches.
-
-        A frame is a (type byte, payload) pair, not joined (the payload is not copied).
-        A page holds at most ``page_bytes`` (but at least one frame), and is read
-        only after ``reserve`` of its size returned: the caller's memory budget.
-        """
-        after = 0
-        size = await self.file.snapshot_size(self.store_id)
-        if size is not None:
-            await reserve(size)
-            snapshot = await self.file.read_snapshot(self.store_id)
-            if snapshot is not None:
-                data, after = snapshot
-                yield [(VALUE_PREFIX, data)]
-        while after < upto:
-            last, size = await self.file.page_of_patches(self.store_id, after, upto, page_bytes)
-            if last == after:
-                return
-            await reserve(size)
-            rows = await self.file.read_patches(self.store_id, after, last)
-            after = last
-            if rows:
-                yield [(PATCH_PREFIX, data) for data in rows]
+        """What a joiner receives up to clock ``upto`` (``base.joiner_pages``), read in pages."""
+        source = SqliteHistory(self.file.run_read, self.store_id)
+        return joiner_pages(source, upto, page_bytes=page_bytes, reserve=reserve)
 
 
 class Storage:
