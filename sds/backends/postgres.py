@@ -139,8 +139,6 @@ PROBE_SECONDS = 0.5
 DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
-COMPACT_LOCK = 0x5D5_0002
-"""Advisory lock class of compaction (with ``hashtext(store_id)``): one at a time per store."""
 REMOVE_SUPERSEDED = """
 DELETE FROM patches
 WHERE store_id = $1 AND clock <= (SELECT clock FROM snapshots WHERE store_id = $1)
@@ -170,16 +168,18 @@ async def compact_store(conn: Any, store_id: str, *, value_mode: str) -> dict[st
     server's own catch-up) is compared before and after: each distinct frame once,
     in the same order, or the transaction is rolled back (CompactionFailed).
 
-    Safe while servers write the store: new patches only add rows with higher
-    clocks, which this transaction neither reads nor deletes. What could change
-    the rows it decides on is a snapshot write (which prunes older patches): the
-    transaction holds ``snapshots`` in SHARE mode, so such a commit waits for it
-    (patch commits do not). Two compactions of one store take turns on an
-    advisory lock.
+    Safe while servers write the store. The transaction is REPEATABLE READ: every
+    statement sees the rows committed when it began, so patches committed
+    meanwhile (rows with higher clocks, only ever inserted) are neither read nor
+    deleted by it, and stay. What could change the rows it decides on is a
+    snapshot write (which prunes older patches) or another compaction: before its
+    snapshot of the data is taken, the transaction locks ``snapshots`` in SHARE
+    ROW EXCLUSIVE mode, which both wait for (patch commits do not: they never
+    write ``snapshots``; a commit with a value or snapshot does, and waits).
     """
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", COMPACT_LOCK, store_id)
-        await conn.execute("LOCK TABLE snapshots IN SHARE MODE")
+    async with conn.transaction(isolation="repeatable_read"):
+        # LOCK TABLE takes no snapshot: the data is read only once the lock is held.
+        await conn.execute("LOCK TABLE snapshots IN SHARE ROW EXCLUSIVE MODE")
         if not await conn.fetchval(STORE_EXISTS, store_id):
             return None
         history = PgHistory.of_connection(conn, store_id)
@@ -199,6 +199,23 @@ async def compact_store(conn: Any, store_id: str, *, value_mode: str) -> dict[st
 def _row_count(status: str) -> int:
     """The rows of a command status (``DELETE 3``)."""
     return int(status.rsplit(" ", 1)[-1])
+
+
+async def create_schema(conn: Any) -> int:
+    """Create the tables unless they exist (under an advisory lock); the newest schema version.
+
+    A version newer than SCHEMA_VERSION means a newer sds wrote the database: the
+    caller refuses to work on it.
+    """
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+        await conn.execute(SCHEMA)
+        await conn.execute(
+            "INSERT INTO sds_schema_version (version) VALUES ($1) ON CONFLICT DO NOTHING",
+            SCHEMA_VERSION,
+        )
+        newest: int = await conn.fetchval("SELECT max(version) FROM sds_schema_version")
+    return newest
 
 
 def describe(url: str) -> str:
@@ -531,15 +548,7 @@ class PgStorage:
             ) from None
         try:
             try:
-                async with conn.transaction():
-                    await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
-                    await conn.execute(SCHEMA)
-                    await conn.execute(
-                        "INSERT INTO sds_schema_version (version) VALUES ($1) "
-                        "ON CONFLICT DO NOTHING",
-                        SCHEMA_VERSION,
-                    )
-                    newest = await conn.fetchval("SELECT max(version) FROM sds_schema_version")
+                newest = await create_schema(conn)
             finally:
                 with contextlib.suppress(*DB_ERRORS):
                     await self._pool.release(conn)

@@ -358,6 +358,57 @@ def connect_sync(
     return conn
 
 
+def write_blob(conn: sqlite3.Connection, store_id: str, key: str, data: bytes) -> None:
+    """Store a value of one store, never over another store's value under the same key.
+
+    The first store to write a key gets the ``blobs`` row (as the Node server
+    would have written it) and is recorded as its owner; a later value of
+    another store of the file, or one for a key whose ``blobs`` row has no
+    owner (written by the Node server), goes to ``store_blobs``. The server
+    calls it inside a group commit; restoring a PostgreSQL store into a file too.
+    """
+    row = conn.execute(
+        "SELECT (SELECT 1 FROM blobs WHERE hash = ?1),"
+        " (SELECT store_id FROM blob_owners WHERE hash = ?1)",
+        (key,),
+    ).fetchone()
+    exists, owner = (row[0], row[1]) if row else (None, None)
+    if exists is None:
+        conn.execute("INSERT INTO blobs (hash, data, ref_count) VALUES (?, ?, 1)", (key, data))
+        conn.execute(
+            "INSERT OR REPLACE INTO blob_owners (hash, store_id) VALUES (?, ?)", (key, store_id)
+        )
+    elif owner == store_id:
+        conn.execute("UPDATE blobs SET data = ? WHERE hash = ?", (data, key))
+    else:
+        conn.execute(
+            "INSERT INTO store_blobs (store_id, hash, data) VALUES (?, ?, ?) "
+            "ON CONFLICT(store_id, hash) DO UPDATE SET data = excluded.data",
+            (store_id, key, data),
+        )
+
+
+def store_values(conn: sqlite3.Connection, store_id: str) -> Iterator[tuple[str, bytes]]:
+    """Every value a store of this file reads (key, value): what REQ_VALUE may answer.
+
+    Its own ``store_blobs`` rows, and the ``blobs`` rows it owns or nobody owns
+    (the Node server's) unless a ``store_blobs`` row of the store has that key.
+    """
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not set(OWN_BLOB_TABLES) <= tables:
+        yield from ((str(h), bytes(d)) for h, d in conn.execute("SELECT hash, data FROM blobs"))
+        return
+    rows = conn.execute(
+        "SELECT hash, data FROM store_blobs WHERE store_id = ?1"
+        " UNION ALL SELECT b.hash, b.data FROM blobs AS b"
+        " LEFT JOIN blob_owners AS o ON o.hash = b.hash"
+        " WHERE (o.store_id IS NULL OR o.store_id = ?1)"
+        " AND b.hash NOT IN (SELECT hash FROM store_blobs WHERE store_id = ?1)",
+        (store_id,),
+    )
+    yield from ((str(h), bytes(d)) for h, d in rows)
+
+
 class StoreFile:
     """One open SQLite file; its writes are committed in groups, in the order submitted."""
 
@@ -544,36 +595,8 @@ class StoreFile:
                 )
 
     async def _write_blob(self, op: Write) -> None:
-        """Store a value of one store, never over another store's value under the same key.
-
-        The first store to write a key gets the ``blobs`` row (as the Node server
-        would have written it) and is recorded as its owner; a later value of
-        another store of the file, or one for a key whose ``blobs`` row has no
-        owner (written by the Node server), goes to ``store_blobs``.
-        """
-        async with self._db.execute(
-            "SELECT (SELECT 1 FROM blobs WHERE hash = ?1),"
-            " (SELECT store_id FROM blob_owners WHERE hash = ?1)",
-            (op.key,),
-        ) as cursor:
-            row = await cursor.fetchone()
-        exists, owner = (row[0], row[1]) if row else (None, None)
-        if exists is None:
-            await self._db.execute(
-                "INSERT INTO blobs (hash, data, ref_count) VALUES (?, ?, 1)", (op.key, op.data)
-            )
-            await self._db.execute(
-                "INSERT OR REPLACE INTO blob_owners (hash, store_id) VALUES (?, ?)",
-                (op.key, op.store_id),
-            )
-        elif owner == op.store_id:
-            await self._db.execute("UPDATE blobs SET data = ? WHERE hash = ?", (op.data, op.key))
-        else:
-            await self._db.execute(
-                "INSERT INTO store_blobs (store_id, hash, data) VALUES (?, ?, ?) "
-                "ON CONFLICT(store_id, hash) DO UPDATE SET data = excluded.data",
-                (op.store_id, op.key, op.data),
-            )
+        """Store a value of one store (``write_blob``) inside the commit's transaction."""
+        await self._db._execute(write_blob, self._db._conn, op.store_id, op.key, op.data)
         for reader in self._blob_readers:
             if reader.key == op.key:
                 reader.stale = True
