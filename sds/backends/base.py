@@ -186,6 +186,11 @@ class StoreLog(Protocol):
 class HistorySource(Protocol):
     """The reads ``joiner_pages`` needs from one store of a backend."""
 
+    @property
+    def page_rows(self) -> int:
+        """Rows in one catch-up page at most (a page is also bounded in bytes by the caller)."""
+        ...
+
     async def snapshot_size(self) -> int | None:
         """The size of the store's snapshot (None without one), read without its data."""
         ...
@@ -203,8 +208,6 @@ class HistorySource(Protocol):
         ...
 
 
-HISTORY_PAGE_ROWS = 128
-"""Rows in one catch-up page at most; a page is also bounded in bytes by the caller."""
 ALL_CLOCKS = 1 << 62
 """An ``upto`` past every clock: the whole history (maintenance)."""
 
@@ -235,7 +238,7 @@ async def joiner_pages(
             yield [(VALUE_PREFIX, data)]
     while after < upto:
         last, total = after, 0
-        for clock, row_size in await source.patch_sizes(after, upto, HISTORY_PAGE_ROWS):
+        for clock, row_size in await source.patch_sizes(after, upto, source.page_rows):
             if total and total + row_size > page_bytes:
                 break
             last, total = clock, total + row_size

@@ -241,6 +241,9 @@ class PgHistory:
     """
 
     __slots__ = ("connect", "store_id")
+    page_rows = 2048
+    """Reads of a page hold no lock the commits need, but each costs two round trips:
+    pages of many small patches (the byte bound still applies) keep catch-up fast."""
 
     def __init__(
         self, connect: Callable[[], contextlib.AbstractAsyncContextManager[Any]], store_id: str

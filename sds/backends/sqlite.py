@@ -758,6 +758,8 @@ class SqliteHistory:
     """
 
     __slots__ = ("run", "store_id")
+    page_rows = 128
+    """A page is read between group commits of the file: a short read keeps them flowing."""
 
     def __init__(self, run: Callable[..., Awaitable[Any]], store_id: str) -> None:
         self.run = run
