@@ -36,15 +36,16 @@ from sds.auth import (
     client_address_middleware,
     trusted_networks,
 )
+from sds.backends import open_storage
 from sds.background import Tasks
 from sds.chunks import ChunkBudget
-from sds.config import SETTINGS, Config, check_persist_dir
+from sds.config import SETTINGS, Config
+from sds.connections import CLOSE_GOING_AWAY
 from sds.health import StorageHealth, healthz_handler
 from sds.logs import flush_log_summaries, redact_access_log
 from sds.metrics import Metrics, sds_version
-from sds.relay import CLOSE_GOING_AWAY, Relay
+from sds.relay import Relay
 from sds.signalling import Signalling, signal_handler
-from sds.storage import Storage
 from sds.token_api import token_handler
 from sds.ws_handler import ws_handler
 
@@ -123,18 +124,7 @@ async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
     app[MAINTENANCE] = maintenance = ThreadPoolExecutor(
         MAINTENANCE_THREADS, thread_name_prefix="sds-maintenance"
     )
-    storage = None
-    if config.persist_dir is not None:
-        check_persist_dir(config.persist_dir)
-        storage = Storage(
-            config.persist_dir,
-            sync=config.sync,
-            value_mode=config.value_mode,
-            max_open=config.max_open_stores,
-            close_grace=config.store_close_grace,
-            metrics=metrics,
-            tasks=tasks,
-        )
+    storage = await open_storage(config, metrics, tasks=tasks)
     app[STORAGE] = storage
     app[HEALTH] = None if config.persist_dir is None else StorageHealth(config.persist_dir, metrics)
     app[RELAY] = Relay(

@@ -30,6 +30,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from sds.backends.base import StoreBusy
+from sds.backends.sqlite import SQLITE_VERSION, STORE_FILE_MODE, connect_sync, try_lock
 from sds.maintenance import (
     TABLES,
     MaintenanceError,
@@ -43,7 +45,6 @@ from sds.maintenance import (
     store_files,
     store_ids,
 )
-from sds.storage import SQLITE_VERSION, STORE_FILE_MODE, StoreBusy, connect_sync, try_lock
 
 ARCHIVE_PREFIX = "sds-backup-"
 ARCHIVE_SUFFIX = ".tar.gz"
@@ -222,9 +223,10 @@ def copy_store_file(source: Path, target: Path) -> FileEntry:
     except MaintenanceError as exc:
         raise BackupError(str(exc)) from None
     try:
-        dst = sqlite3.connect(target, isolation_level=None)
+        dst = connect_sync(target, journal="delete")
         try:
             src.backup(dst)
+            # The copied header carries the source's WAL mode: one file in the archive.
             dst.execute("PRAGMA journal_mode=DELETE")
             ids, rows, check = describe(dst)
         finally:
@@ -249,14 +251,20 @@ def archive_name(now: dt.datetime) -> str:
 
 
 def create_backup(
-    persist_dir: Path,
+    persist_dir: Path | None,
     out_dir: Path,
     *,
+    database_url: str | None = None,
     keep: int | None = None,
     progress: Progress | None = None,
     now: dt.datetime | None = None,
 ) -> BackupResult:
     """Back up every store file of ``persist_dir`` into one new archive (0600) in ``out_dir``.
+
+    With ``database_url`` instead, every store of that PostgreSQL database is first
+    written into a SQLite store file (one consistent snapshot, see
+    ``sds.pg_maintenance.export_stores``): the archive is the same format, so it
+    restores into a persist dir or into a database.
 
     Files that cannot be read are listed under ``skipped`` in the manifest; the caller
     decides whether that is a failure (the CLI exits 1 so cron reports it). One run at
@@ -267,17 +275,26 @@ def create_backup(
     """
     if keep is not None and keep < 1:
         raise BackupError("keep must be at least 1")
-    try:
-        sources = store_files(persist_dir)
-    except MaintenanceError as exc:
-        raise BackupError(str(exc)) from None
+    if (persist_dir is None) == (database_url is None):
+        raise BackupError("back up either a persist dir or a database")
+    sources: list[Path] = []
+    if persist_dir is not None:
+        try:
+            sources = store_files(persist_dir)
+        except MaintenanceError as exc:
+            raise BackupError(str(exc)) from None
     try:
         out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise BackupError(f"cannot create {out_dir}: {exc.strerror}") from None
     now = now or dt.datetime.now(dt.UTC)
-    with _directory_lock(out_dir, f"another sds backup is writing into {out_dir}"):
+    with (
+        _directory_lock(out_dir, f"another sds backup is writing into {out_dir}"),
+        contextlib.ExitStack() as stack,
+    ):
         leftovers = remove_leftovers(out_dir, LEFTOVER_PREFIX)
+        if database_url is not None:
+            sources = _export_database(database_url, out_dir, stack)
         result = _write_archive(sources, out_dir, now, progress)
         result.removed_leftovers = leftovers
         if keep is not None and not result.manifest.skipped:
@@ -291,6 +308,20 @@ def create_backup(
             result.verified = True
             result.pruned = prune_archives(out_dir, keep)
     return result
+
+
+def _export_database(url: str, out_dir: Path, stack: contextlib.ExitStack) -> list[Path]:
+    """The stores of a database as SQLite store files in a temporary dir of ``out_dir``."""
+    from sds.pg_maintenance import export_stores
+
+    try:
+        work = stack.enter_context(tempfile.TemporaryDirectory(prefix=LEFTOVER_PREFIX, dir=out_dir))
+    except OSError as exc:
+        raise BackupError(f"cannot write in {out_dir}: {exc.strerror}") from None
+    try:
+        return export_stores(url, Path(work))
+    except MaintenanceError as exc:
+        raise BackupError(str(exc)) from None
 
 
 def _write_archive(
@@ -614,6 +645,43 @@ def restore_archive(
                     progress(entry.name, len(done), len(targets))
             fsync_dir(persist_dir)
     return RestoreResult(str(archive), str(persist_dir), entries, existing, kept)
+
+
+def restore_archive_to_database(
+    archive: Path,
+    database_url: str,
+    *,
+    force: bool = False,
+    only: Sequence[str] = (),
+    if_missing: bool = False,
+) -> Any:
+    """Verify an archive, then write its stores into a PostgreSQL database in one transaction.
+
+    ``only``, ``force`` and ``if_missing`` as for a persist dir, per store instead of
+    per file. Nothing is written unless everything is (a failure rolls back).
+    Returns a ``sds.pg_maintenance.DatabaseRestore``.
+    """
+    from sds.pg_maintenance import DatabaseRestore, database_name, import_files
+    from sds.pg_maintenance import StoresExist as DbStoresExist
+
+    if force and if_missing:
+        raise BackupError("--force and --if-missing exclude each other")
+    with extracted(archive) as (manifest, stores):
+        entries = _selected(manifest, only, archive)
+        try:
+            restored, replaced, kept = import_files(
+                [stores / entry.name for entry in entries],
+                database_url,
+                force=force,
+                if_missing=if_missing,
+            )
+        except DbStoresExist as exc:
+            raise StoresExist(str(exc)) from None
+        except MaintenanceError as exc:
+            raise BackupError(str(exc)) from None
+    return DatabaseRestore(
+        str(archive), database_name(database_url), entries, restored, replaced, kept
+    )
 
 
 def _selected(manifest: Manifest, only: Sequence[str], archive: Path) -> list[FileEntry]:

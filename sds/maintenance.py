@@ -20,19 +20,20 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sds.storage import (
+from sds.backends.base import StoreBusy, distinct_in_order
+from sds.backends.sqlite import (
     OWN_BLOB_TABLES,
     SQLITE_VERSION,
     STORE_FILE_MODE,
     LockRecord,
-    StoreBusy,
     StoreLocked,
     connect_sync,
+    joiner_view_digests,
     lock_path,
     process_record,
     store_filename,
@@ -422,37 +423,6 @@ def inspect_file(path: Path, *, quick: bool = False) -> FileReport:
     )
 
 
-def joiner_frames(conn: sqlite3.Connection, store_id: str) -> list[bytes]:
-    """The frames a client joining ``store_id`` replays: the snapshot as VALUE, then patches."""
-    return list(_joiner_frames(conn, store_id))
-
-
-def _joiner_frames(conn: sqlite3.Connection, store_id: str) -> Iterator[bytes]:
-    snapshot = conn.execute(
-        "SELECT data, clock FROM snapshots WHERE store_id = ?", (store_id,)
-    ).fetchone()
-    after = 0
-    if snapshot is not None:
-        after = int(snapshot[1])
-        yield b"\x02" + bytes(snapshot[0])
-    for (data,) in conn.execute(
-        "SELECT data FROM patches WHERE store_id = ? AND clock > ? ORDER BY clock",
-        (store_id, after),
-    ):
-        yield b"\x01" + bytes(data)
-
-
-def distinct_in_order(frames: list[bytes]) -> list[bytes]:
-    """Each distinct frame once, at its first occurrence (what compaction must preserve)."""
-    seen: set[bytes] = set()
-    result = []
-    for frame in frames:
-        if frame not in seen:
-            seen.add(frame)
-            result.append(frame)
-    return result
-
-
 def remove_duplicate_patches(conn: sqlite3.Connection, store_id: str) -> int:
     """Delete byte-identical repeats of a store's patches, keeping the first; the count removed.
 
@@ -503,15 +473,25 @@ def remove_superseded_patches(conn: sqlite3.Connection, store_id: str) -> int:
 def compact_connection(
     conn: sqlite3.Connection, ids: list[str], *, value_mode: str
 ) -> dict[str, dict[str, int]]:
-    """Remove duplicate (and, in snapshot mode, superseded) patches of ``ids`` in one transaction."""
+    """Remove duplicate (and, in snapshot mode, superseded) patches of ``ids`` in one transaction.
+
+    Inside it, what a joiner receives of each store (``base.joiner_pages``, the
+    server's own catch-up) is compared before and after: each distinct frame once,
+    in the same order, or nothing is applied (MaintenanceError).
+    """
     details: dict[str, dict[str, int]] = {}
     conn.execute("BEGIN IMMEDIATE")
     try:
         for store_id in ids:
+            before = joiner_view_digests(conn, store_id)
             superseded = (
                 remove_superseded_patches(conn, store_id) if value_mode == "snapshot" else 0
             )
             duplicates = remove_duplicate_patches(conn, store_id)
+            if joiner_view_digests(conn, store_id) != distinct_in_order(before):
+                raise MaintenanceError(
+                    f"compaction of {store_id!r} would change what a joiner receives; not applied"
+                )
             details[store_id] = {"duplicates": duplicates, "superseded": superseded}
         conn.execute("COMMIT")
     except BaseException:

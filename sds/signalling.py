@@ -15,8 +15,8 @@ from aiohttp import WSMsgType, web
 
 from sds.appkeys import CONFIG, RELAY, SIGNALLING, STATE
 from sds.auth import CloseRefusal, admit, http_error, refuse_with_close
+from sds.connections import Client, accept_client
 from sds.protocol import encode_server_frame
-from sds.relay import Client, accept_client
 
 log = logging.getLogger(__name__)
 

@@ -10,16 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sds.backends.base import distinct_in_order
+from sds.backends.sqlite import SCHEMA, SQLITE_VERSION, joiner_frames, store_filename
 from sds.maintenance import (
     MaintenanceError,
     compact_connection,
     compact_file,
-    distinct_in_order,
     inspect_file,
-    joiner_frames,
     resolve_store,
 )
-from sds.storage import SCHEMA, SQLITE_VERSION, store_filename
 from tests.store_files import write_store
 
 
@@ -176,3 +175,24 @@ def test_compaction_preserves_the_distinct_sequence(patches: list[bytes]) -> Non
     before = joiner_frames(conn, "s")
     compact_connection(conn, ["s"], value_mode="blob")
     assert joiner_frames(conn, "s") == distinct_in_order(before)
+
+
+def test_compaction_that_would_change_the_joiner_view_is_not_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sds.maintenance
+
+    path = tmp_path / "s.db"
+    write_store(path, "s", [b"one", b"two", b"two", b"three"])
+    conn = sqlite3.connect(path, isolation_level=None)
+    before = joiner_frames(conn, "s")
+
+    def remove_a_unique_patch(conn: sqlite3.Connection, store_id: str) -> int:
+        conn.execute("DELETE FROM patches WHERE store_id = ? AND clock = 1", (store_id,))
+        return 1
+
+    # A faulty removal step: the check against the joiner's view must catch it.
+    monkeypatch.setattr(sds.maintenance, "remove_duplicate_patches", remove_a_unique_patch)
+    with pytest.raises(MaintenanceError, match="would change what a joiner receives"):
+        compact_connection(conn, ["s"], value_mode="blob")
+    assert joiner_frames(conn, "s") == before == [b"\x01one", b"\x01two", b"\x01two", b"\x01three"]

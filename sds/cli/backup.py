@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from sds.cli.options import config_from, fail, print_table, setting_options
-from sds.cli.store import human_bytes, json_option, persist_dir_of
+from sds.cli.store import DATABASE_SETTINGS, human_bytes, json_option, persist_dir_of
 
 BACKUP_DIR_ENV = "SDS_BACKUP_DIR"
 BACKUP_KEEP_ENV = "SDS_BACKUP_KEEP"
@@ -35,7 +35,7 @@ BACKUP_KEEP_ENV = "SDS_BACKUP_KEEP"
     f"but the newest N sds-backup-* archives of the directory. [env var: {BACKUP_KEEP_ENV}]",
 )
 @json_option
-@setting_options("persist_dir", secret=False)
+@setting_options("persist_dir", *DATABASE_SETTINGS, secret=False)
 @click.pass_context
 def backup(
     ctx: click.Context, /, out_dir: Path | None, keep: int | None, as_json: bool, **options: Any
@@ -52,9 +52,15 @@ def backup(
     the directory are never touched). Exit 1 if any store file could not be
     copied (the others are still archived, nothing is pruned).
 
+    With --database-url, every store of that PostgreSQL database is first written
+    into a SQLite store file (one consistent snapshot while servers write), so the
+    archive has the same format and restores into a persist dir or a database.
+    For large databases prefer pg_dump or point-in-time recovery (DEPLOYMENT.md).
+
     \b
     Examples:
       sds backup --out /var/backups/sds --persist-dir /var/lib/sds
+      SDS_DATABASE_URL_FILE=/etc/sds/database-url sds backup --out /var/backups/sds
       SDS_PERSIST_DIR=/var/lib/sds sds backup --out /var/backups/sds --keep 14
       SDS_PERSIST_DIR=/var/lib/sds sds backup --out /var/backups/sds --json
       sds backup verify /var/backups/sds/sds-backup-20250101T030000Z.tar.gz
@@ -66,10 +72,13 @@ def backup(
     from sds.backup import BackupError, create_backup
 
     config = config_from(options, require_secret=False)
-    directory = persist_dir_of(config)
+    url = config.database_url
+    directory = None if url is not None else persist_dir_of(config)
     try:
         with _progress("backing up", as_json) as progress:
-            result = create_backup(directory, out_dir, keep=keep, progress=progress)
+            result = create_backup(
+                directory, out_dir, database_url=url, keep=keep, progress=progress
+            )
     except BackupError as exc:
         fail(str(exc))
         return
@@ -133,7 +142,7 @@ def backup_verify(archive: Path, as_json: bool) -> None:
     "there is nothing to do). For a restore at boot.",
 )
 @json_option
-@setting_options("persist_dir", secret=False)
+@setting_options("persist_dir", *DATABASE_SETTINGS, secret=False)
 def restore(
     archive: Path,
     force: bool,
@@ -152,8 +161,14 @@ def restore(
     leaves every store as it was. Restored files get the owner of the persist dir
     (when run as root) and mode 0600; another user than the dir's owner is refused.
 
+    With --database-url the stores go into that PostgreSQL database instead (the
+    schema is created if it is empty), all in one transaction: existing stores are
+    replaced only with --force (stop the servers first), --if-missing keeps them,
+    --store selects stores; a failure writes nothing.
+
     \b
     Examples:
+      sds restore ARCHIVE --database-url postgresql://sds@db/sds
       sds restore /var/backups/sds/sds-backup-20250101T030000Z.tar.gz --persist-dir /var/lib/sds
       sds restore ARCHIVE --store notes --force
       sds restore ARCHIVE --if-missing          # at boot: only what is not there
@@ -161,9 +176,26 @@ def restore(
     """
     if force and if_missing:
         raise click.UsageError("--force and --if-missing exclude each other")
-    from sds.backup import BackupError, restore_archive
+    from sds.backup import BackupError, restore_archive, restore_archive_to_database
 
     config = config_from(options, require_secret=False)
+    if config.database_url is not None:
+        try:
+            into_db = restore_archive_to_database(
+                archive, config.database_url, force=force, only=only, if_missing=if_missing
+            )
+        except BackupError as exc:
+            fail(str(exc))
+            return
+        if as_json:
+            click.echo(json.dumps(into_db.as_json(), indent=2))
+            return
+        click.echo(
+            f"restored {len(into_db.store_ids)} stores into PostgreSQL at {into_db.database}"
+            + (f", replacing {len(into_db.replaced)}" if into_db.replaced else "")
+            + (f", keeping {len(into_db.kept)} that exist" if into_db.kept else "")
+        )
+        return
     directory = persist_dir_of(config)
     try:
         with _progress("restoring", as_json) as progress:

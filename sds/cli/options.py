@@ -169,7 +169,11 @@ def config_from(
                 raise ConfigFailure(
                     f"--dev: no {DEV_SECRET_FILE} here (run this where `sds serve --dev` ran)"
                 )
-        if "persist_dir" in options and not _persist_dir_set(options):
+        if (
+            "persist_dir" in options
+            and not _persist_dir_set(options)
+            and not _database_set(options)
+        ):
             values["persist_dir"] = str(DEV_DATA_DIR)
     elif not require_secret and secret is None:
         secret_file = _readable_secret_file(secret_file)
@@ -187,6 +191,14 @@ def config_from(
                 f"; for the server `sds serve --dev` started here, add --dev ({DEV_SECRET_FILE})"
             )
         raise ConfigFailure(message) from None
+
+
+def _database_set(options: dict[str, Any]) -> bool:
+    """A database URL (or its file) is given: maintenance works on PostgreSQL, not files."""
+    return any(
+        options.get(name) is not None or any(os.environ.get(e) for e in SETTINGS_BY_NAME[name].env)
+        for name in ("database_url", "database_url_file")
+    )
 
 
 def _persist_dir_set(options: dict[str, Any]) -> bool:

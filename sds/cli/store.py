@@ -27,6 +27,10 @@ def json_option(function: Any) -> Any:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(function)
 
 
+DATABASE_SETTINGS = ("database_url", "database_url_file")
+"""The options that point a maintenance command at a PostgreSQL database instead."""
+
+
 def persist_dir_of(config: Config) -> Path:
     """The configured persist dir; exit 2 when none is set."""
     if config.persist_dir is None:
@@ -53,26 +57,31 @@ def default_url(config: Config) -> str:
 
 @click.group()
 def store() -> None:
-    """Inspect and compact the per-store SQLite files."""
+    """Inspect and compact the stores: SQLite files of a persist dir, or a PostgreSQL database."""
 
 
 @store.command("list")
 @json_option
-@setting_options("persist_dir", secret=False)
+@setting_options("persist_dir", *DATABASE_SETTINGS, secret=False)
 def store_list(as_json: bool, **options: Any) -> None:
-    """List every store file of the persist dir with its figures.
+    """List every store file of the persist dir (or store of the database) with its figures.
 
     Runs SQLite's quick_check on each file; exit 1 if a file is unreadable or damaged.
-    Files are opened read-only: listing never writes a store.
+    Files are opened read-only: listing never writes a store. With --database-url,
+    the stores of that PostgreSQL database, read in one read-only transaction.
 
     \b
     Examples:
       sds store list --persist-dir /var/lib/sds
       SDS_PERSIST_DIR=/var/lib/sds sds store list --json | jq '.files[].stores'
+      SDS_DATABASE_URL_FILE=/etc/sds/database-url sds store list
     """
     from sds.maintenance import MaintenanceError, inspect_file, store_files
 
     config = config_from(options, require_secret=False)
+    if config.database_url is not None:
+        _database_report(config.database_url, None, as_json)
+        return
     directory = persist_dir_of(config)
     try:
         paths = store_files(directory)
@@ -88,7 +97,7 @@ def store_list(as_json: bool, **options: Any) -> None:
         if report.get("error") or report.get("integrity") != "ok":
             problems.append(path.name)
         reports.append(report)
-    from sds.storage import SQLITE_VERSION
+    from sds.backends.sqlite import SQLITE_VERSION
 
     if as_json:
         payload = {"persist_dir": str(directory), "sqlite_version": SQLITE_VERSION}
@@ -102,13 +111,14 @@ def store_list(as_json: bool, **options: Any) -> None:
 @store.command("inspect")
 @click.argument("target", metavar="ID|FILE")
 @json_option
-@setting_options("persist_dir", secret=False)
+@setting_options("persist_dir", *DATABASE_SETTINGS, secret=False)
 def store_inspect(target: str, as_json: bool, **options: Any) -> None:
     """Show the figures of one store (by id) or one store file (by path).
 
     Patches, clock range, snapshot, blobs, bytes on disk, last write, SQLite's full
     integrity_check and version. Opened read-only. Exit 1 when the store is unknown,
-    the file unreadable or the integrity check fails.
+    the file unreadable or the integrity check fails. With --database-url, one
+    store (by id) of that PostgreSQL database.
 
     \b
     Examples:
@@ -118,6 +128,9 @@ def store_inspect(target: str, as_json: bool, **options: Any) -> None:
     from sds.maintenance import MaintenanceError, inspect_file, resolve_store
 
     config = config_from(options, require_secret=False)
+    if config.database_url is not None:
+        _database_report(config.database_url, target, as_json)
+        return
     try:
         path, store_id = resolve_store(config.persist_dir, target)
         report = inspect_file(path)
@@ -225,7 +238,7 @@ def _print_reports(reports: list[dict[str, Any]], title: str) -> None:
     help="The server's TCP port you expect to hold the store: checked against the lock "
     "record like --url.",
 )
-@setting_options("persist_dir", "value_mode", "issuer")
+@setting_options("persist_dir", *DATABASE_SETTINGS, "value_mode", "issuer")
 def store_compact(
     store_id: str | None,
     all_stores: bool,
@@ -253,15 +266,24 @@ def store_compact(
     answer from another server: refused, exit 1. If neither the lock nor the server
     is available within --wait seconds: exit 1.
 
+    With --database-url the command compacts in the PostgreSQL database directly,
+    while servers keep serving: each store in one transaction that holds back the
+    servers' snapshot writes (patch commits go on), checks that a joiner receives
+    the same frames before and after, and applies nothing otherwise.
+
     \b
     Examples:
       sds store compact notes --persist-dir /var/lib/sds
+      SDS_DATABASE_URL_FILE=/etc/sds/database-url sds store compact --all
       sds store compact --all --json
       sds store compact notes --url http://127.0.0.1:8080 --value-mode snapshot
     """
     if bool(store_id) == all_stores:
         raise click.UsageError("give a store ID or --all (not both)")
     config = config_from(options, require_secret=False)
+    if config.database_url is not None:
+        _compact_database(config.database_url, store_id, config.value_mode, as_json)
+        return
     directory = persist_dir_of(config)
     from sds.maintenance import MaintenanceError, compact_safely, resolve_store, store_files
 
@@ -293,6 +315,64 @@ def store_compact(
             fail(str(exc))
             return
         results.append(result.as_json())
+    if as_json:
+        click.echo(json.dumps({"results": results}, indent=2))
+    else:
+        _print_compaction(results)
+
+
+def _database_report(url: str, store_id: str | None, as_json: bool) -> None:
+    """``store list`` (all stores) or ``store inspect ID`` of a PostgreSQL database."""
+    from sds.maintenance import MaintenanceError
+    from sds.pg_maintenance import inspect_database
+
+    try:
+        report = inspect_database(url, store_id)
+    except MaintenanceError as exc:
+        fail(str(exc))
+        return
+    if as_json:
+        click.echo(json.dumps(report.as_json(), indent=2))
+        return
+    columns = [
+        ("store id", "left"),
+        ("patches", "right"),
+        ("clocks", "right"),
+        ("patch bytes", "right"),
+        ("snapshot", "right"),
+        ("blobs", "right"),
+    ]
+    rows: list[list[str]] = []
+    for figures in report.stores:
+        clocks = f"{figures.first_clock}..{figures.last_clock}" if figures.patches else "-"
+        snapshot = (
+            f"@{figures.snapshot_clock} ({human_bytes(figures.snapshot_bytes)})"
+            if figures.snapshot_clock is not None
+            else "-"
+        )
+        rows.append(
+            [
+                figures.store_id,
+                str(figures.patches),
+                clocks,
+                human_bytes(figures.patch_bytes),
+                snapshot,
+                f"{figures.blobs} ({human_bytes(figures.blob_bytes)})",
+            ]
+        )
+    title = f"PostgreSQL {report.server_version} at {report.database}"
+    print_table(columns, rows, title=title)
+
+
+def _compact_database(url: str, store_id: str | None, value_mode: str, as_json: bool) -> None:
+    from sds.maintenance import MaintenanceError
+    from sds.pg_maintenance import compact_database
+
+    try:
+        results = [r.as_json() for r in compact_database(url, store_id, value_mode=value_mode)]
+    except MaintenanceError as exc:
+        fail(str(exc))
+        return
     if as_json:
         click.echo(json.dumps({"results": results}, indent=2))
     else:

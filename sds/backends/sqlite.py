@@ -39,14 +39,32 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
+from sds.backends import base
+from sds.backends.base import (
+    ALL_CLOCKS,
+    GATHER_TURNS,
+    BlobChanged,
+    Commit,
+    CompactionFailed,
+    PatchRun,
+    StorageError,
+    StoreBusy,
+    UnknownStore,
+    Write,
+    joiner_digests,
+    joiner_pages,
+    patch_payload,
+    run_without_suspending,
+)
 from sds.background import Tasks
 from sds.metrics import Metrics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -88,17 +106,8 @@ _FIND_BLOB = (
 """Where a store's value for a key is: its own row in store_blobs first, then blobs when the
 row there is the store's or has no owner. ``length()`` of a BLOB does not read its content."""
 SQLITE_VERSION = sqlite3.sqlite_version
-HISTORY_PAGE_ROWS = 128
-"""Rows in one catch-up page at most; the page is also bounded in bytes by the caller."""
-VIEW_BINDING_BYTES = 4096
-"""Patch payloads of this size or more are bound as a view of the received frame (held
-once); smaller ones are copied into a bytearray, which sqlite3 binds faster than a view."""
-PATCH_PREFIX = b"\x01"
-VALUE_PREFIX = b"\x02"
 MAX_ROWS_PER_INSERT = 10_000
 """Rows in one INSERT: one variable each (and two shared), under SQLite's limit of 32766."""
-GATHER_TURNS = 4
-"""Event-loop turns a group commit may wait, while writes keep arriving, before it starts."""
 STATEMENT_CACHE = 512
 """Prepared INSERTs kept per connection (one per batch size seen)."""
 OPEN_THREADS = 8
@@ -133,14 +142,6 @@ def _insert_statement(rows: int) -> str:
     """
     values = ", ".join(f"(?1, ?2 + {row}, ?{row + 3})" for row in range(rows))
     return "INSERT INTO patches (store_id, clock, data) VALUES " + values
-
-
-class StorageError(Exception):
-    """A store file could not be opened or written."""
-
-
-class StoreBusy(StorageError):
-    """Another process holds the store file's lock, or too many files are open."""
 
 
 class StoreLocked(StoreBusy):
@@ -301,6 +302,8 @@ def _read_record(fd: int) -> LockRecord | None:
         return None
 
 
+BUSY_TIMEOUT_MS = 5000
+"""How long a statement waits for another connection's lock on the file."""
 STORE_FILE_MODE = 0o600
 """A new store file is readable by its owner alone (SQLite gives its -wal and -shm the same)."""
 
@@ -313,75 +316,97 @@ def create_private(path: Path) -> None:
         )
 
 
-def connect_sync(path: Path, *, sync: str = "normal", readonly: bool = False) -> sqlite3.Connection:
-    """Open a store file with the server's pragmas (used by the CLI and tests)."""
+def connect_sync(
+    path: Path,
+    *,
+    sync: str = "normal",
+    readonly: bool = False,
+    journal: str = "wal",
+    cached_statements: int = 128,
+) -> sqlite3.Connection:
+    """Open a store file: the one way the server, maintenance and backup open one.
+
+    Autocommit (transactions are explicit), a busy timeout, and unless
+    ``readonly``: a new file created with mode 0600, WAL journal (``journal``
+    "delete" for a copy that goes into an archive as one file), ``synchronous``
+    from ``--sync``, and the schema (idempotent). The server runs it on its
+    aiosqlite thread (``StoreFile.open``); the CLI in its own thread.
+    """
     if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
-    else:
-        create_private(path)
-        conn = sqlite3.connect(path, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro",
+            uri=True,
+            isolation_level=None,
+            cached_statements=cached_statements,
+        )
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        return conn
+    create_private(path)
+    conn = sqlite3.connect(
+        path,
+        isolation_level=None,
+        cached_statements=cached_statements,
+    )
+    try:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA journal_mode={journal.upper()}")
         conn.execute(f"PRAGMA synchronous={sync.upper()}")
         conn.executescript(SCHEMA)
-    conn.execute("PRAGMA busy_timeout=5000")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
-class Write:
-    """A write other than a patch (a blob, or a snapshot in ``--value-mode snapshot``)."""
+def write_blob(conn: sqlite3.Connection, store_id: str, key: str, data: bytes) -> None:
+    """Store a value of one store, never over another store's value under the same key.
 
-    __slots__ = ("data", "key", "kind", "store_id")
-
-    def __init__(self, store_id: str, kind: str, data: bytes, key: str = "") -> None:
-        self.store_id = store_id
-        self.kind = kind
-        self.data = data
-        self.key = key
-
-
-class PatchRun:
-    """Patches of one store that follow each other in a commit: one multi-row INSERT."""
-
-    __slots__ = ("payloads", "store_id")
-
-    def __init__(self, store_id: str) -> None:
-        self.store_id = store_id
-        self.payloads: list[bytearray | memoryview] = []
-
-
-class Commit:
-    """One group commit of a store file: every write that arrived while the previous one ran.
-
-    The relay holds the frames of a commit back until ``done`` resolves (never
-    with an exception); ``ok`` then says how it went, and ``clocks`` holds the
-    last clock each store got in it.
+    The first store to write a key gets the ``blobs`` row (as the Node server
+    would have written it) and is recorded as its owner; a later value of
+    another store of the file, or one for a key whose ``blobs`` row has no
+    owner (written by the Node server), goes to ``store_blobs``. The server
+    calls it inside a group commit; restoring a PostgreSQL store into a file too.
     """
+    row = conn.execute(
+        "SELECT (SELECT 1 FROM blobs WHERE hash = ?1),"
+        " (SELECT store_id FROM blob_owners WHERE hash = ?1)",
+        (key,),
+    ).fetchone()
+    exists, owner = (row[0], row[1]) if row else (None, None)
+    if exists is None:
+        conn.execute("INSERT INTO blobs (hash, data, ref_count) VALUES (?, ?, 1)", (key, data))
+        conn.execute(
+            "INSERT OR REPLACE INTO blob_owners (hash, store_id) VALUES (?, ?)", (key, store_id)
+        )
+    elif owner == store_id:
+        conn.execute("UPDATE blobs SET data = ? WHERE hash = ?", (data, key))
+    else:
+        conn.execute(
+            "INSERT INTO store_blobs (store_id, hash, data) VALUES (?, ?, ?) "
+            "ON CONFLICT(store_id, hash) DO UPDATE SET data = excluded.data",
+            (store_id, key, data),
+        )
 
-    __slots__ = ("_run", "clocks", "done", "ok", "ops", "size")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.done: asyncio.Future[None] = loop.create_future()
-        self.ok: bool | None = None
-        self.clocks: dict[str, int] = {}
-        self.ops: list[PatchRun | Write] = []
-        self.size = 0
-        self._run: PatchRun | None = None
+def store_values(conn: sqlite3.Connection, store_id: str) -> Iterator[tuple[str, bytes]]:
+    """Every value a store of this file reads (key, value): what REQ_VALUE may answer.
 
-    def add_patch(self, store_id: str, payload: bytearray | memoryview) -> None:
-        run = self._run
-        if run is None or run.store_id != store_id:
-            run = self._run = PatchRun(store_id)
-            self.ops.append(run)
-        run.payloads.append(payload)
-        self.size += 1
-
-    def add(self, write: Write) -> None:
-        self.ops.append(write)
-        self._run = None
-        self.size += 1
-
-    def store_ids(self) -> set[str]:
-        return {op.store_id for op in self.ops}
+    Its own ``store_blobs`` rows, and the ``blobs`` rows it owns or nobody owns
+    (the Node server's) unless a ``store_blobs`` row of the store has that key.
+    """
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not set(OWN_BLOB_TABLES) <= tables:
+        yield from ((str(h), bytes(d)) for h, d in conn.execute("SELECT hash, data FROM blobs"))
+        return
+    rows = conn.execute(
+        "SELECT hash, data FROM store_blobs WHERE store_id = ?1"
+        " UNION ALL SELECT b.hash, b.data FROM blobs AS b"
+        " LEFT JOIN blob_owners AS o ON o.hash = b.hash"
+        " WHERE (o.store_id IS NULL OR o.store_id = ?1)"
+        " AND b.hash NOT IN (SELECT hash FROM store_blobs WHERE store_id = ?1)",
+        (store_id,),
+    )
+    yield from ((str(h), bytes(d)) for h, d in rows)
 
 
 class StoreFile:
@@ -420,14 +445,13 @@ class StoreFile:
             log.error("cannot lock store file %s: %s", self.path.name, exc.strerror)
             raise StorageError(f"cannot lock {self.path.name}: {exc.strerror}") from None
         try:
-            await loop.run_in_executor(executor, create_private, self.path)
-            self._db = await aiosqlite.connect(
-                self.path, isolation_level=None, cached_statements=STATEMENT_CACHE
+            # connect_sync runs on the connection's own thread, as every later statement.
+            self._db = await aiosqlite.Connection(
+                functools.partial(
+                    connect_sync, self.path, sync=self.sync, cached_statements=STATEMENT_CACHE
+                ),
+                iter_chunk_size=64,
             )
-            await self._db.execute("PRAGMA journal_mode=WAL")
-            await self._db.execute(f"PRAGMA synchronous={self.sync.upper()}")
-            await self._db.execute("PRAGMA busy_timeout=5000")
-            await self._db.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             log.error("cannot open store file %s: %s", self.path.name, exc)
             await self.close()
@@ -571,36 +595,8 @@ class StoreFile:
                 )
 
     async def _write_blob(self, op: Write) -> None:
-        """Store a value of one store, never over another store's value under the same key.
-
-        The first store to write a key gets the ``blobs`` row (as the Node server
-        would have written it) and is recorded as its owner; a later value of
-        another store of the file, or one for a key whose ``blobs`` row has no
-        owner (written by the Node server), goes to ``store_blobs``.
-        """
-        async with self._db.execute(
-            "SELECT (SELECT 1 FROM blobs WHERE hash = ?1),"
-            " (SELECT store_id FROM blob_owners WHERE hash = ?1)",
-            (op.key,),
-        ) as cursor:
-            row = await cursor.fetchone()
-        exists, owner = (row[0], row[1]) if row else (None, None)
-        if exists is None:
-            await self._db.execute(
-                "INSERT INTO blobs (hash, data, ref_count) VALUES (?, ?, 1)", (op.key, op.data)
-            )
-            await self._db.execute(
-                "INSERT OR REPLACE INTO blob_owners (hash, store_id) VALUES (?, ?)",
-                (op.key, op.store_id),
-            )
-        elif owner == op.store_id:
-            await self._db.execute("UPDATE blobs SET data = ? WHERE hash = ?", (op.data, op.key))
-        else:
-            await self._db.execute(
-                "INSERT INTO store_blobs (store_id, hash, data) VALUES (?, ?, ?) "
-                "ON CONFLICT(store_id, hash) DO UPDATE SET data = excluded.data",
-                (op.store_id, op.key, op.data),
-            )
+        """Store a value of one store (``write_blob``) inside the commit's transaction."""
+        await self._db._execute(write_blob, self._db._conn, op.store_id, op.key, op.data)
         for reader in self._blob_readers:
             if reader.key == op.key:
                 reader.stale = True
@@ -672,59 +668,12 @@ class StoreFile:
         async with self._reading():
             return await self._max_clock(store_id)
 
-    async def read_snapshot(self, store_id: str) -> tuple[bytes, int] | None:
-        async with (
-            self._reading() as db,
-            db.execute("SELECT data, clock FROM snapshots WHERE store_id = ?", (store_id,)) as cur,
-        ):
-            row = await cur.fetchone()
-        return (bytes(row[0]), int(row[1])) if row else None
-
-    async def snapshot_size(self, store_id: str) -> int | None:
-        """The size of a store's snapshot (None without one), read without its data."""
-        async with (
-            self._reading() as db,
-            db.execute("SELECT length(data) FROM snapshots WHERE store_id = ?", (store_id,)) as cur,
-        ):
-            row = await cur.fetchone()
-        return int(row[0]) if row else None
-
-    async def page_of_patches(
-        self, store_id: str, after: int, upto: int, max_bytes: int
-    ) -> tuple[int, int]:
-        """The next catch-up page after ``after``: (its last clock, its bytes), without the data.
-
-        A page holds at most HISTORY_PAGE_ROWS rows and ``max_bytes`` bytes, but at
-        least one row; (after, 0) when no patch is left up to ``upto``.
-        """
-        async with (
-            self._reading() as db,
-            db.execute(
-                "SELECT clock, length(data) FROM patches "
-                "WHERE store_id = ? AND clock > ? AND clock <= ? ORDER BY clock LIMIT ?",
-                (store_id, after, upto, HISTORY_PAGE_ROWS),
-            ) as cur,
-        ):
-            rows = await cur.fetchall()
-        last, total = after, 0
-        for clock, size in rows:
-            if total and total + size > max_bytes:
-                break
-            last, total = int(clock), total + int(size)
-        return last, total
-
-    async def read_patches(self, store_id: str, after: int, last: int) -> list[bytes]:
-        """The payloads of the patches with ``after < clock <= last``, in clock order."""
-        async with (
-            self._reading() as db,
-            db.execute(
-                "SELECT data FROM patches WHERE store_id = ? AND clock > ? AND clock <= ? "
-                "ORDER BY clock",
-                (store_id, after, last),
-            ) as cur,
-        ):
-            rows = await cur.fetchall()
-        return [data for (data,) in rows]
+    async def run_read(self, read: Callable[..., T], *args: Any) -> T:
+        """``read(connection, *args)`` on the file's connection (its thread), between commits."""
+        async with self._reading() as db:
+            # aiosqlite runs a function on its thread with the raw sqlite3 connection.
+            result: T = await db._execute(read, db._conn, *args)
+            return result
 
     @contextlib.asynccontextmanager
     async def paused(self) -> AsyncIterator[Path]:
@@ -733,10 +682,6 @@ class StoreFile:
             for reader in self._blob_readers:  # VACUUM may move rows
                 reader.moved = True
             yield self.path
-
-
-class BlobChanged(StorageError):
-    """A value was overwritten (or its file compacted) while it was read in pieces."""
 
 
 class BlobReader:
@@ -771,6 +716,101 @@ def _read_blob_piece(
         return blob.read(size)
 
 
+def snapshot_size(conn: sqlite3.Connection, store_id: str) -> int | None:
+    """The size of a store's snapshot (None without one); ``length()`` does not read the data."""
+    row = conn.execute("SELECT length(data) FROM snapshots WHERE store_id = ?", (store_id,))
+    found = row.fetchone()
+    return int(found[0]) if found else None
+
+
+def read_snapshot(conn: sqlite3.Connection, store_id: str) -> tuple[bytes, int] | None:
+    row = conn.execute(
+        "SELECT data, clock FROM snapshots WHERE store_id = ?", (store_id,)
+    ).fetchone()
+    return (bytes(row[0]), int(row[1])) if row else None
+
+
+def patch_sizes(
+    conn: sqlite3.Connection, store_id: str, after: int, upto: int, limit: int
+) -> list[tuple[int, int]]:
+    rows = conn.execute(
+        "SELECT clock, length(data) FROM patches "
+        "WHERE store_id = ? AND clock > ? AND clock <= ? ORDER BY clock LIMIT ?",
+        (store_id, after, upto, limit),
+    ).fetchall()
+    return [(int(clock), int(size)) for clock, size in rows]
+
+
+def read_patches(conn: sqlite3.Connection, store_id: str, after: int, last: int) -> list[bytes]:
+    rows = conn.execute(
+        "SELECT data FROM patches WHERE store_id = ? AND clock > ? AND clock <= ? ORDER BY clock",
+        (store_id, after, last),
+    ).fetchall()
+    return [data for (data,) in rows]
+
+
+class SqliteHistory:
+    """A store's history in a SQLite file (``base.HistorySource``), read through ``run``.
+
+    ``run(read, *args)`` calls ``read(connection, *args)``: on the server's connection
+    in its thread (``StoreFile.run_read``), or on a connection of the calling thread
+    (``SqliteHistory.of_connection``, maintenance).
+    """
+
+    __slots__ = ("run", "store_id")
+    page_rows = 128
+    """A page is read between group commits of the file: a short read keeps them flowing."""
+
+    def __init__(self, run: Callable[..., Awaitable[Any]], store_id: str) -> None:
+        self.run = run
+        self.store_id = store_id
+
+    @classmethod
+    def of_connection(cls, conn: sqlite3.Connection, store_id: str) -> SqliteHistory:
+        async def run(read: Callable[..., Any], *args: Any) -> Any:
+            return read(conn, *args)
+
+        return cls(run, store_id)
+
+    async def snapshot_size(self) -> int | None:
+        size: int | None = await self.run(snapshot_size, self.store_id)
+        return size
+
+    async def read_snapshot(self) -> tuple[bytes, int] | None:
+        snapshot: tuple[bytes, int] | None = await self.run(read_snapshot, self.store_id)
+        return snapshot
+
+    async def patch_sizes(self, after: int, upto: int, limit: int) -> list[tuple[int, int]]:
+        sizes: list[tuple[int, int]] = await self.run(
+            patch_sizes, self.store_id, after, upto, limit
+        )
+        return sizes
+
+    async def read_patches(self, after: int, last: int) -> list[bytes]:
+        rows: list[bytes] = await self.run(read_patches, self.store_id, after, last)
+        return rows
+
+
+def joiner_frames(conn: sqlite3.Connection, store_id: str) -> list[bytes]:
+    """The frames a client joining ``store_id`` receives from this file (maintenance, tests)."""
+
+    async def collect() -> list[bytes]:
+        source = SqliteHistory.of_connection(conn, store_id)
+        pages = joiner_pages(source, ALL_CLOCKS, page_bytes=4 << 20, reserve=_no_reserve)
+        return [prefix + bytes(data) async for page in pages for prefix, data in page]
+
+    return run_without_suspending(collect())
+
+
+def joiner_view_digests(conn: sqlite3.Connection, store_id: str) -> list[bytes]:
+    """``base.joiner_digests`` of a store in this file (compaction's before/after check)."""
+    return run_without_suspending(joiner_digests(SqliteHistory.of_connection(conn, store_id)))
+
+
+async def _no_reserve(_size: int) -> None:
+    return None
+
+
 class StoreLog:
     """What one store writes and reads in its file."""
 
@@ -783,17 +823,7 @@ class StoreLog:
 
     def append_patch(self, frame: bytes) -> Commit:
         """Store a PATCH frame's payload (the frame without its type byte)."""
-        payload: bytearray | memoryview
-        if len(frame) > VIEW_BINDING_BYTES:
-            # Held once: the commit binds a view of the frame the relay holds anyway.
-            payload = memoryview(frame)[1:]
-        else:
-            # sqlite3 binds a bytearray as a BLOB directly; bytes or a memoryview first
-            # go through the adapter lookup (Python 3.11 raises and clears an
-            # AttributeError per row), which costs more than copying a small payload.
-            payload = bytearray(frame)
-            del payload[0]
-        return self.file.append_patch(self.store_id, payload)
+        return self.file.append_patch(self.store_id, patch_payload(frame))
 
     def put_value(self, key: str, value: bytes, payload: bytes) -> Commit:
         """Store a VALUE: as a blob, or (snapshot mode) as the store snapshot."""
@@ -808,43 +838,29 @@ class StoreLog:
         """This store's value for ``key``, to read in pieces (see ``StoreFile.open_blob``)."""
         return self.file.open_blob(self.store_id, key)
 
-    async def read_blob_piece(self, reader: BlobReader, offset: int, size: int) -> bytes:
+    async def read_blob_piece(self, reader: base.BlobReader, offset: int, size: int) -> bytes:
+        if not isinstance(reader, BlobReader):
+            raise TypeError("a value opened by another backend")
         return await self.file.read_blob_piece(reader, offset, size)
+
+    def paused(self) -> contextlib.AbstractAsyncContextManager[Path]:
+        """Let maintenance own the store's file (see ``StoreFile.paused``)."""
+        return self.file.paused()
 
     async def last_clock(self) -> int:
         """The highest committed clock of this store (its snapshot's when patches were pruned)."""
         return await self.file.last_clock(self.store_id)
 
-    async def history(
+    def history(
         self,
         upto: int,
         *,
         page_bytes: int,
         reserve: Callable[[int], Awaitable[None]],
     ) -> AsyncGenerator[list[tuple[bytes, bytes]], None]:
-        """The stored frames up to clock ``upto`` in pages: the snapshot as VALUE, then patches.
-
-        A frame is a (type byte, payload) pair, not joined (the payload is not copied).
-        A page holds at most ``page_bytes`` (but at least one frame), and is read
-        only after ``reserve`` of its size returned: the caller's memory budget.
-        """
-        after = 0
-        size = await self.file.snapshot_size(self.store_id)
-        if size is not None:
-            await reserve(size)
-            snapshot = await self.file.read_snapshot(self.store_id)
-            if snapshot is not None:
-                data, after = snapshot
-                yield [(VALUE_PREFIX, data)]
-        while after < upto:
-            last, size = await self.file.page_of_patches(self.store_id, after, upto, page_bytes)
-            if last == after:
-                return
-            await reserve(size)
-            rows = await self.file.read_patches(self.store_id, after, last)
-            after = last
-            if rows:
-                yield [(PATCH_PREFIX, data) for data in rows]
+        """What a joiner receives up to clock ``upto`` (``base.joiner_pages``), read in pages."""
+        source = SqliteHistory(self.file.run_read, self.store_id)
+        return joiner_pages(source, upto, page_bytes=page_bytes, reserve=reserve)
 
 
 class Storage:
@@ -884,6 +900,40 @@ class Storage:
 
     def path_of(self, store_id: str) -> Path:
         return self.directory / store_filename(store_id)
+
+    async def compact(
+        self, store_id: str, *, value_mode: str, executor: Executor
+    ) -> dict[str, Any]:
+        """Compact a store's file while serving: the file's commits and reads wait meanwhile.
+
+        The work (``sds.maintenance.compact_file``) runs in ``executor`` on a
+        connection of its own. The report names this server (persist dir and
+        instance), so that ``sds store compact`` can check it asked the lock's holder.
+        """
+        from sds.maintenance import MaintenanceError, compact_file  # it imports this module
+
+        if not self.path_of(store_id).is_file():
+            raise UnknownStore(f"no store file for {store_id!r}")
+        store_log = await self.acquire(store_id)
+        try:
+            async with store_log.file.paused() as path:
+                result = await asyncio.get_running_loop().run_in_executor(
+                    executor,
+                    functools.partial(compact_file, path, store_id=store_id, value_mode=value_mode),
+                )
+        except MaintenanceError as exc:
+            if str(exc).startswith("unknown store"):
+                raise UnknownStore(str(exc)) from None
+            raise CompactionFailed(str(exc)) from None
+        finally:
+            self.release(store_log)
+        result.via = "server"
+        # Who did it: `sds store compact` checks that the server it asked is the one that
+        # holds the store in the persist dir it was pointed at (see LockRecord).
+        return {
+            **result.as_json(),
+            "server": {"persist_dir": self.holder.persist_dir, "instance": self.holder.instance},
+        }
 
     def advertise(self, url: str) -> None:
         """Record the URL this server is reached at in every lock file it takes from now on.
