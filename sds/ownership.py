@@ -29,11 +29,12 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from sds.storage import (
+    HANDOVER_COMMAND,
     LOCK_SUFFIX,
     SERVER_RECORD_PREFIX,
     LockRecord,
@@ -57,8 +58,6 @@ FORWARDED_HEADER = "X-SDS-Forwarded-By"
 """Marks a connection one sds process forwarded to another; the value is its instance id."""
 NOT_OWNER_HEADER = "X-SDS-Not-Owner"
 """On a 503 to a forwarded connection: this process does not own the store (ask again)."""
-HANDOVER = "handover"
-"""The ``command`` of a lock record whose store is being handed over (no URL: do not forward)."""
 CLOSE_SERVICE_RESTART = 1012
 HANDOVER_DRAIN_SECONDS = 10.0
 """How long a handover waits for the store's clients to leave and its commits to finish."""
@@ -80,7 +79,12 @@ class Use:
 
     direct: int = 0
     forwarded: int = 0
+    failback: bool = False
+    """A client came forwarded by the server this process took the store from."""
     timer: asyncio.TimerHandle | None = None
+
+    def due(self) -> bool:
+        return self.forwarded > 0 and (self.direct == 0 or self.failback)
 
 
 class Ownership:
@@ -107,8 +111,8 @@ class Ownership:
             if storage is not None
             else LockRecord(pid=os.getpid(), instance=secrets.token_hex(8))
         )
-        self._held: dict[Path, list[int]] = {}
-        """Locks this module holds itself (rooms, relay-only stores): path -> [fd, users]."""
+        self._held: dict[Path, list[Any]] = {}
+        """Locks this module holds itself (rooms, relay-only stores): [fd, users, previous]."""
         self._taking: dict[Path, asyncio.Lock] = {}
         self._uses: dict[Key, Use] = {}
         self.releasing: dict[Key, asyncio.Event] = {}
@@ -150,13 +154,30 @@ class Ownership:
             except OSError as exc:
                 log.warning("cannot write the server record in %s: %s", self.lock_dir, exc)
 
-    def is_live_server(self, instance: str) -> bool:
-        """True when ``instance`` is a server holding its record in the lock dir now."""
+    def server_url(self, instance: str) -> str | None:
+        """The URL of ``instance`` when it is a server holding its record in the lock dir now."""
         if not _INSTANCE.match(instance):
-            return False
+            return None
         with contextlib.suppress(OSError):
-            return lock_holder(self.lock_dir / f"{SERVER_RECORD_PREFIX}{instance}") is not None
-        return False
+            holder = lock_holder(self.lock_dir / f"{SERVER_RECORD_PREFIX}{instance}")
+            if holder is not None and holder.url:
+                return holder.url
+        return None
+
+    def previous_url(self, key: Key) -> str | None:
+        """The URL of the server that had ``key`` before this process took it from a killed
+        or stopped owner (None: taken free, or handed over to us)."""
+        if self._self_locked(key):
+            held = self._held.get(self.lock_base(key))
+            previous = held[2] if held is not None else None
+        else:
+            assert self.storage is not None
+            previous = self.storage.previous_holder(key[1])
+        if not isinstance(previous, LockRecord) or not previous.url:
+            return None
+        if previous.instance == self.instance or previous.url == self.record.url:
+            return None
+        return previous.url
 
     def lock_base(self, key: Key) -> Path:
         """The path whose ``.lock`` is the lock of a store or room."""
@@ -203,7 +224,12 @@ class Ownership:
         if forwarded:
             raise NotOwner
         holder = self.holder(key)
-        if holder is None or holder.instance == self.instance or not holder.url:
+        if (
+            holder is None
+            or holder.instance == self.instance
+            or not holder.url
+            or holder.command == HANDOVER_COMMAND
+        ):
             # Free, ours, or held by a command or a handover: take it here (waiting for it).
             return None
         return holder.url
@@ -224,10 +250,12 @@ class Ownership:
                 return
             loop = asyncio.get_running_loop()
             record = self.record
+            previous: list[LockRecord | None] = []
             fd = await loop.run_in_executor(
-                None, lambda: try_lock(base, timeout=self.lock_timeout, record=record)
+                None,
+                lambda: try_lock(base, timeout=self.lock_timeout, record=record, previous=previous),
             )
-            self._held[base] = [fd, 1]
+            self._held[base] = [fd, 1, previous[0] if previous else None]
             self.metrics.ownership_changes["acquired"] += 1
         if not taking.locked():
             self._taking.pop(base, None)
@@ -247,15 +275,26 @@ class Ownership:
             if key not in self.releasing:
                 self.metrics.ownership_changes["released"] += 1
 
-    def joined(self, key: Key, *, forwarded: bool) -> None:
+    def joined(self, key: Key, *, via: str | None) -> None:
+        """A client of ``key`` joined here: directly, or forwarded by the server ``via``.
+
+        Failback: a store this process took from a killed or stopped server goes back
+        to it once clients reach it again (they arrive forwarded from its URL) and no
+        client has joined here directly since, even while older clients stay here.
+        """
         use = self._uses.setdefault(key, Use())
-        if forwarded:
+        if via is not None:
             use.forwarded += 1
+            previous = self.previous_url(key)
+            if previous is not None and self.server_url(via) == previous:
+                use.failback = True
         else:
             use.direct += 1
+            use.failback = False
         self._watch(key, use)
 
-    def left(self, key: Key, *, forwarded: bool) -> None:
+    def left(self, key: Key, *, via: str | None) -> None:
+        forwarded = via is not None
         use = self._uses.get(key)
         if use is None:
             return
@@ -271,8 +310,9 @@ class Ownership:
         self._watch(key, use)
 
     def _watch(self, key: Key, use: Use) -> None:
-        """Only forwarded clients: hand over after the grace; a direct client cancels it."""
-        if use.direct == 0 and use.forwarded > 0:
+        """Only forwarded clients (or a failback): hand over after the grace; a direct client
+        cancels it."""
+        if use.due():
             if use.timer is None and key not in self.releasing:
                 loop = asyncio.get_running_loop()
                 use.timer = loop.call_later(self.handover_grace, self._due, key)
@@ -285,7 +325,7 @@ class Ownership:
         if use is None:
             return
         use.timer = None
-        if use.direct == 0 and use.forwarded > 0:
+        if use.due():
             self.hand_over(key)
 
     def _mark(self, key: Key, record: LockRecord) -> None:
@@ -297,7 +337,8 @@ class Ownership:
             self.storage.mark(key[1], record)
 
     def handover_record(self) -> LockRecord:
-        return dataclasses.replace(self.record, url=None, command=HANDOVER)
+        """A lock being handed over: no URL, so no process forwards here or moves it back."""
+        return dataclasses.replace(self.record, url=None, command=HANDOVER_COMMAND)
 
     def hand_over(self, key: Key) -> None:
         """Let another process own ``key``: stop admitting, close with 1012, release the lock.
@@ -339,8 +380,10 @@ class Ownership:
     def retire(self, code: int) -> None:
         """Shutting down: every lock says handover (other processes wait for it instead of
         forwarding here), and the connections this process forwards are closed with ``code``."""
-        record = self.handover_record()
-        for fd, _users in self._held.values():
+        # With the URL: the process that takes a store next moves it back here when
+        # this server returns (see ``joined``).
+        record = dataclasses.replace(self.record, command=HANDOVER_COMMAND)
+        for fd, *_rest in self._held.values():
             rewrite_record(fd, record)
         if self.storage is not None:
             for file in self.storage.open_files():
@@ -350,7 +393,7 @@ class Ownership:
             close(code, "server shutting down")
 
     def close(self) -> None:
-        for fd, _users in self._held.values():
+        for fd, *_rest in self._held.values():
             unlock(fd)
         self._held.clear()
         if self._server_fd is not None:

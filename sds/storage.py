@@ -110,6 +110,8 @@ MAX_LOCKED_WARNINGS = 4096
 SERVER_RECORD_PREFIX = ".sds-server-"
 """Directory record of a running server: ``<persist dir>/.sds-server-<instance>.lock``."""
 STALE_SERVER_RECORD_SECONDS = 10.0
+HANDOVER_COMMAND = "handover"
+"""The ``command`` of a lock record whose holder is letting the store go: wait, do not forward."""
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -212,12 +214,21 @@ def file_lock(db_path: Path, *, timeout: float, record: LockRecord | None = None
         unlock(fd)
 
 
-def try_lock(db_path: Path, *, timeout: float, record: LockRecord | None = None) -> int:
+def try_lock(
+    db_path: Path,
+    *,
+    timeout: float,
+    record: LockRecord | None = None,
+    previous: list[LockRecord | None] | None = None,
+) -> int:
     """Take the one-writer lock of a store file; the returned fd holds it until closed.
 
     Once the flock is held, ``record`` (default: this process without a URL)
-    replaces the lock file's content. StoreLocked, with the holder's record, when
-    another process keeps the lock past ``timeout`` seconds.
+    replaces the lock file's content; the record found there before (a killed
+    holder's, or a stopped server's handover record) is appended to ``previous``.
+    StoreLocked, with the holder's record, when another process keeps the lock
+    past ``timeout`` seconds, or at once when the holder is another live server
+    (its clients are forwarded there, see sds.forwarding).
     """
     fd = os.open(lock_path(db_path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     deadline = time.monotonic() + timeout
@@ -230,7 +241,12 @@ def try_lock(db_path: Path, *, timeout: float, record: LockRecord | None = None)
                 os.close(fd)
                 raise
         holder = _read_record(fd) if record is not None and record.url else None
-        if holder is not None and holder.url and holder.instance != (record and record.instance):
+        if (
+            holder is not None
+            and holder.url
+            and holder.command != HANDOVER_COMMAND
+            and holder.instance != (record and record.instance)
+        ):
             # Another live server owns it: its clients are forwarded there, no wait.
             os.close(fd)
             raise StoreLocked(f"{db_path.name} is locked by another process", holder)
@@ -240,6 +256,8 @@ def try_lock(db_path: Path, *, timeout: float, record: LockRecord | None = None)
             # The holder's pid and URL go to the log, not into messages clients may see.
             raise StoreLocked(f"{db_path.name} is locked by another process", holder)
         time.sleep(0.05)
+    if previous is not None:
+        previous.append(_read_record(fd))
     try:
         data = (record or process_record()).to_json().encode() + b"\n"
         os.ftruncate(fd, 0)
@@ -259,9 +277,15 @@ def rewrite_record(fd: int, record: LockRecord) -> None:
 
 
 def unlock(fd: int) -> None:
-    """Release a lock taken by try_lock; its record is cleared so nobody reads it as current."""
-    with contextlib.suppress(OSError):
-        os.ftruncate(fd, 0)
+    """Release a lock taken by try_lock; its record is cleared so nobody reads it as current.
+
+    A handover record stays: it tells the next holder which server had the store
+    before (sds.ownership moves the store back when that server returns).
+    """
+    record = _read_record(fd)
+    if record is None or record.command != HANDOVER_COMMAND:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
     os.close(fd)
 
 
@@ -415,6 +439,9 @@ class StoreFile:
         self._committer: asyncio.Task[None] | None = None
         self._io = asyncio.Lock()
         self._blob_readers: set[BlobReader] = set()
+        self.previous_holder: LockRecord | None = None
+        """The record left in the lock file when this server took it (a killed or stopped
+        holder's), None when it was clear."""
 
     async def open(
         self,
@@ -426,12 +453,15 @@ class StoreFile:
         """Take the file's lock (in ``executor``: the wait blocks) and open it."""
         loop = asyncio.get_running_loop()
         try:
+            previous: list[LockRecord | None] = []
             self._lock_fd = await loop.run_in_executor(
-                executor, lambda: try_lock(self.path, timeout=lock_timeout, record=record)
+                executor,
+                lambda: try_lock(self.path, timeout=lock_timeout, record=record, previous=previous),
             )
         except OSError as exc:
             log.error("cannot lock store file %s: %s", self.path.name, exc.strerror)
             raise StorageError(f"cannot lock {self.path.name}: {exc.strerror}") from None
+        self.previous_holder = previous[0] if previous else None
         try:
             await loop.run_in_executor(executor, create_private, self.path)
             self._db = await aiosqlite.connect(
@@ -932,6 +962,11 @@ class Storage:
         """True while this server has the store's file open (or is opening it): it owns the store."""
         name = store_filename(store_id)
         return name in self._files or name in self._opening
+
+    def previous_holder(self, store_id: str) -> LockRecord | None:
+        """Who held a store's file before this server (see ``StoreFile.previous_holder``)."""
+        file = self._files.get(store_filename(store_id))
+        return None if file is None else file.previous_holder
 
     def mark(self, store_id: str, record: LockRecord) -> None:
         """Write ``record`` into the lock file of a store file this server holds."""
