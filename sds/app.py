@@ -47,7 +47,7 @@ from sds.metrics import Metrics, sds_version
 from sds.ownership import WS, Key, Ownership
 from sds.relay import CLOSE_GOING_AWAY, Relay
 from sds.signalling import Signalling, signal_handler
-from sds.storage import Storage
+from sds.storage import Storage, store_filename
 from sds.token_api import token_handler
 from sds.ws_handler import ws_handler
 
@@ -205,8 +205,15 @@ def _ownership(app: web.Application, storage: Storage | None) -> Ownership | Non
             return store_id in relay.stores
         return store_id in signalling.rooms
 
+    def shares_lock(key: Key) -> bool:
+        kind, store_id = key
+        name = store_filename(store_id)
+        live = relay.stores if kind == WS else signalling.rooms
+        return any(other != store_id and store_filename(other) == name for other in live)
+
     ownership.close_clients = close_clients
     ownership.in_use = in_use
+    ownership.shares_lock = shares_lock
     return ownership
 
 

@@ -121,6 +121,9 @@ class Ownership:
         """Set by the application: close every local client of a store or room."""
         self.in_use: Callable[[Key], bool] = lambda key: False
         """Set by the application: True while a store or room has a live object here."""
+        self.shares_lock: Callable[[Key], bool] = lambda key: False
+        """Set by the application: True while another live store id here maps to the same
+        lock (two ids can share one file name): such a lock is not handed over."""
         self.pipes: set[Callable[[int, str], None]] = set()
         """Closers of the forwarded connections this process pipes to other owners."""
         self.session: aiohttp.ClientSession | None = None
@@ -216,7 +219,7 @@ class Ownership:
                 async with asyncio.timeout(RELEASE_WAIT_SECONDS):
                     await event.wait()
         if self.owns(key):
-            if forwarded and not self.in_use(key):
+            if forwarded and not self.in_use(key) and not self.shares_lock(key):
                 # Unused here (a file in its close grace): the forwarder takes it.
                 self.hand_over(key)
                 raise NotOwner
@@ -346,7 +349,7 @@ class Ownership:
         The lock says ``handover`` before this returns, so a process that looks next
         waits for the lock instead of forwarding here.
         """
-        if key in self.releasing or not self.owns(key):
+        if key in self.releasing or not self.owns(key) or self.shares_lock(key):
             return
         event = self.releasing[key] = asyncio.Event()
         self._mark(key, self.handover_record())

@@ -382,3 +382,22 @@ async def test_store_goes_back_to_a_restarted_process_after_sigterm(tmp_path: Pa
             assert await again.receive(timeout=10) == frame(0, 0)
             holder = lock_holder(stores / "rr.db")
             assert holder is not None and holder.pid == home.pid
+
+
+async def test_store_sharing_a_file_with_a_live_store_is_not_handed_over(tmp_path: Path) -> None:
+    stores = tmp_path / "stores"
+    with cluster(tmp_path, ["--persist-dir", str(stores)], count=2) as (first, second):
+        # "x/y" and "x_y" are kept in one file, x_y.db: one lock for both.
+        async with (
+            StoreClient(first.ws_url, "x/y", first.token("x/y")) as keeper,
+            StoreClient(second.ws_url, "x_y", second.token("x_y", sub="f")) as forwarded,
+            StoreClient(first.ws_url, "x_y", first.token("x_y", sub="d")) as direct,
+        ):
+            await direct.close()
+            # Only forwarded clients of x_y now, but handing it over would close x/y too.
+            await asyncio.sleep(1.5)
+            async with StoreClient(first.ws_url, "x_y", first.token("x_y", sub="n")) as new:
+                await new.send(frame(0, 0))
+                assert await forwarded.receive(timeout=10) == frame(0, 0)
+            await keeper.send(frame(1, 0))
+            assert metric(first, "sds_ownership_changes_total", '{reason="handed_over"}') == 0
