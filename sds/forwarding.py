@@ -23,6 +23,7 @@ from aiohttp import WSMsgType, hdrs, web
 
 from sds.appkeys import CONFIG, RELAY
 from sds.auth import CLIENT_ADDRESS, http_error, request_token
+from sds.backends.sqlite import StoreLocked
 from sds.client import store_url
 from sds.ownership import (
     CLOSE_SERVICE_RESTART,
@@ -33,7 +34,6 @@ from sds.ownership import (
     Ownership,
 )
 from sds.relay import Refused
-from sds.storage import StoreLocked
 
 log = logging.getLogger(__name__)
 

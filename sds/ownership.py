@@ -1,9 +1,9 @@
 """Which process owns a store: on one machine, the holder of the store's lock file.
 
 Several sds processes of one machine share a lock directory: a server's persist
-dir (the store file's own lock, taken by ``sds.storage``), or ``--lock-dir`` for
+dir (the store file's own lock, taken by ``sds.backends.sqlite``), or ``--lock-dir`` for
 relay-only processes. The process holding a store's lock owns the store; its lock
-record (``sds.storage.LockRecord``) says where it is reached. Signalling rooms are
+record (``sds.backends.sqlite.LockRecord``) says where it is reached. Signalling rooms are
 owned the same way, by a lock of their own (``<name>.signal.lock``), so the peers
 of one room never split either.
 
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from sds.storage import (
+from sds.backends.sqlite import (
     HANDOVER_COMMAND,
     LOCK_SUFFIX,
     SERVER_RECORD_PREFIX,
@@ -46,9 +46,9 @@ from sds.storage import (
 )
 
 if TYPE_CHECKING:
+    from sds.backends.sqlite import Storage as SqliteStorage
     from sds.background import Tasks
     from sds.metrics import Metrics
-    from sds.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Ownership:
         self,
         lock_dir: Path,
         *,
-        storage: Storage | None,
+        storage: SqliteStorage | None,
         metrics: Metrics,
         tasks: Tasks,
         handover_grace: float = 2.0,

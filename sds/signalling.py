@@ -15,10 +15,10 @@ from aiohttp import WSMsgType, web
 
 from sds.appkeys import CONFIG, OWNERSHIP, RELAY, SIGNALLING, STATE
 from sds.auth import CloseRefusal, admit, http_error, refuse_with_close
+from sds.connections import Client, accept_client
 from sds.forwarding import Forwarded, forwarded_by, serve_here_or_forward
 from sds.ownership import SIGNAL
 from sds.protocol import encode_server_frame
-from sds.relay import Client, accept_client
 from sds.tokens import Claims
 
 log = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ from aiohttp import WSMsgType, web
 from sds.appkeys import CONFIG, OWNERSHIP, RELAY, STATE, ServerState
 from sds.auth import CloseRefusal, admit, http_error, refuse_with_close
 from sds.chunks import ChunkAssembler, ChunkRefused
+from sds.connections import CLOSE_TRY_AGAIN_LATER, Client, accept_client
 from sds.forwarding import Forwarded, forwarded_by, serve_here_or_forward
 from sds.ownership import WS
 from sds.protocol import (
@@ -26,7 +27,7 @@ from sds.protocol import (
     reject_write_frame,
     scope_can_write,
 )
-from sds.relay import CLOSE_TRY_AGAIN_LATER, Client, LiveStore, Refused, accept_client
+from sds.relay import LiveStore, Refused
 from sds.value_answers import ValueAnswers
 
 log = logging.getLogger(__name__)

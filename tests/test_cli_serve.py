@@ -14,8 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from sds.backends.sqlite import LockRecord, lock_holder
 from sds.client import StoreClient
-from sds.storage import LockRecord, lock_holder
 from sds.tokens import verify_token
 from tests.helpers import (
     TEST_SECRET,

@@ -20,8 +20,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from sds.backends.sqlite import LockRecord, lock_holder
 from sds.client import ClientClosed, StoreClient
-from sds.storage import LockRecord, lock_holder
 from tests.helpers import ServerProcess, http_get, spawn_server
 
 pytestmark = pytest.mark.slow
@@ -299,7 +299,7 @@ async def test_sigterm_hands_stores_over_with_one_reconnect(tmp_path: Path) -> N
 
 
 async def test_owner_without_a_url_gives_503_never_a_second_copy(tmp_path: Path) -> None:
-    from sds.storage import file_lock
+    from sds.backends.sqlite import file_lock
 
     stores = tmp_path / "stores"
     stores.mkdir()

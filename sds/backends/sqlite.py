@@ -43,6 +43,21 @@ from typing import Any
 
 import aiosqlite
 
+from sds.backends import base
+from sds.backends.base import (
+    GATHER_TURNS,
+    PATCH_PREFIX,
+    VALUE_PREFIX,
+    BlobChanged,
+    Commit,
+    CompactionFailed,
+    PatchRun,
+    StorageError,
+    StoreBusy,
+    UnknownStore,
+    Write,
+    patch_payload,
+)
 from sds.background import Tasks
 from sds.metrics import Metrics
 
@@ -90,15 +105,8 @@ row there is the store's or has no owner. ``length()`` of a BLOB does not read i
 SQLITE_VERSION = sqlite3.sqlite_version
 HISTORY_PAGE_ROWS = 128
 """Rows in one catch-up page at most; the page is also bounded in bytes by the caller."""
-VIEW_BINDING_BYTES = 4096
-"""Patch payloads of this size or more are bound as a view of the received frame (held
-once); smaller ones are copied into a bytearray, which sqlite3 binds faster than a view."""
-PATCH_PREFIX = b"\x01"
-VALUE_PREFIX = b"\x02"
 MAX_ROWS_PER_INSERT = 10_000
 """Rows in one INSERT: one variable each (and two shared), under SQLite's limit of 32766."""
-GATHER_TURNS = 4
-"""Event-loop turns a group commit may wait, while writes keep arriving, before it starts."""
 STATEMENT_CACHE = 512
 """Prepared INSERTs kept per connection (one per batch size seen)."""
 OPEN_THREADS = 8
@@ -135,14 +143,6 @@ def _insert_statement(rows: int) -> str:
     """
     values = ", ".join(f"(?1, ?2 + {row}, ?{row + 3})" for row in range(rows))
     return "INSERT INTO patches (store_id, clock, data) VALUES " + values
-
-
-class StorageError(Exception):
-    """A store file could not be opened or written."""
-
-
-class StoreBusy(StorageError):
-    """Another process holds the store file's lock, or too many files are open."""
 
 
 class StoreLocked(StoreBusy):
@@ -362,63 +362,6 @@ def connect_sync(path: Path, *, sync: str = "normal", readonly: bool = False) ->
         conn.executescript(SCHEMA)
     conn.execute("PRAGMA busy_timeout=5000")
     return conn
-
-
-class Write:
-    """A write other than a patch (a blob, or a snapshot in ``--value-mode snapshot``)."""
-
-    __slots__ = ("data", "key", "kind", "store_id")
-
-    def __init__(self, store_id: str, kind: str, data: bytes, key: str = "") -> None:
-        self.store_id = store_id
-        self.kind = kind
-        self.data = data
-        self.key = key
-
-
-class PatchRun:
-    """Patches of one store that follow each other in a commit: one multi-row INSERT."""
-
-    __slots__ = ("payloads", "store_id")
-
-    def __init__(self, store_id: str) -> None:
-        self.store_id = store_id
-        self.payloads: list[bytearray | memoryview] = []
-
-
-class Commit:
-    """One group commit of a store file: every write that arrived while the previous one ran.
-
-    The relay holds the frames of a commit back until ``done`` resolves (never
-    with an exception); ``ok`` then says how it went, and ``clocks`` holds the
-    last clock each store got in it.
-    """
-
-    __slots__ = ("_run", "clocks", "done", "ok", "ops", "size")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.done: asyncio.Future[None] = loop.create_future()
-        self.ok: bool | None = None
-        self.clocks: dict[str, int] = {}
-        self.ops: list[PatchRun | Write] = []
-        self.size = 0
-        self._run: PatchRun | None = None
-
-    def add_patch(self, store_id: str, payload: bytearray | memoryview) -> None:
-        run = self._run
-        if run is None or run.store_id != store_id:
-            run = self._run = PatchRun(store_id)
-            self.ops.append(run)
-        run.payloads.append(payload)
-        self.size += 1
-
-    def add(self, write: Write) -> None:
-        self.ops.append(write)
-        self._run = None
-        self.size += 1
-
-    def store_ids(self) -> set[str]:
-        return {op.store_id for op in self.ops}
 
 
 class StoreFile:
@@ -783,10 +726,6 @@ class StoreFile:
             yield self.path
 
 
-class BlobChanged(StorageError):
-    """A value was overwritten (or its file compacted) while it was read in pieces."""
-
-
 class BlobReader:
     """Where one stored value is, for reading it in pieces (see ``StoreFile.open_blob``)."""
 
@@ -831,17 +770,7 @@ class StoreLog:
 
     def append_patch(self, frame: bytes) -> Commit:
         """Store a PATCH frame's payload (the frame without its type byte)."""
-        payload: bytearray | memoryview
-        if len(frame) > VIEW_BINDING_BYTES:
-            # Held once: the commit binds a view of the frame the relay holds anyway.
-            payload = memoryview(frame)[1:]
-        else:
-            # sqlite3 binds a bytearray as a BLOB directly; bytes or a memoryview first
-            # go through the adapter lookup (Python 3.11 raises and clears an
-            # AttributeError per row), which costs more than copying a small payload.
-            payload = bytearray(frame)
-            del payload[0]
-        return self.file.append_patch(self.store_id, payload)
+        return self.file.append_patch(self.store_id, patch_payload(frame))
 
     def put_value(self, key: str, value: bytes, payload: bytes) -> Commit:
         """Store a VALUE: as a blob, or (snapshot mode) as the store snapshot."""
@@ -856,8 +785,14 @@ class StoreLog:
         """This store's value for ``key``, to read in pieces (see ``StoreFile.open_blob``)."""
         return self.file.open_blob(self.store_id, key)
 
-    async def read_blob_piece(self, reader: BlobReader, offset: int, size: int) -> bytes:
+    async def read_blob_piece(self, reader: base.BlobReader, offset: int, size: int) -> bytes:
+        if not isinstance(reader, BlobReader):
+            raise TypeError("a value opened by another backend")
         return await self.file.read_blob_piece(reader, offset, size)
+
+    def paused(self) -> contextlib.AbstractAsyncContextManager[Path]:
+        """Let maintenance own the store's file (see ``StoreFile.paused``)."""
+        return self.file.paused()
 
     async def last_clock(self) -> int:
         """The highest committed clock of this store (its snapshot's when patches were pruned)."""
@@ -932,6 +867,40 @@ class Storage:
 
     def path_of(self, store_id: str) -> Path:
         return self.directory / store_filename(store_id)
+
+    async def compact(
+        self, store_id: str, *, value_mode: str, executor: Executor
+    ) -> dict[str, Any]:
+        """Compact a store's file while serving: the file's commits and reads wait meanwhile.
+
+        The work (``sds.maintenance.compact_file``) runs in ``executor`` on a
+        connection of its own. The report names this server (persist dir and
+        instance), so that ``sds store compact`` can check it asked the lock's holder.
+        """
+        from sds.maintenance import MaintenanceError, compact_file  # it imports this module
+
+        if not self.path_of(store_id).is_file():
+            raise UnknownStore(f"no store file for {store_id!r}")
+        store_log = await self.acquire(store_id)
+        try:
+            async with store_log.file.paused() as path:
+                result = await asyncio.get_running_loop().run_in_executor(
+                    executor,
+                    functools.partial(compact_file, path, store_id=store_id, value_mode=value_mode),
+                )
+        except MaintenanceError as exc:
+            if str(exc).startswith("unknown store"):
+                raise UnknownStore(str(exc)) from None
+            raise CompactionFailed(str(exc)) from None
+        finally:
+            self.release(store_log)
+        result.via = "server"
+        # Who did it: `sds store compact` checks that the server it asked is the one that
+        # holds the store in the persist dir it was pointed at (see LockRecord).
+        return {
+            **result.as_json(),
+            "server": {"persist_dir": self.holder.persist_dir, "instance": self.holder.instance},
+        }
 
     def advertise(self, url: str) -> None:
         """Record the URL this server is reached at in every lock file it takes from now on.
