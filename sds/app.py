@@ -40,7 +40,6 @@ from sds.auth import (
 )
 from sds.backends import open_storage
 from sds.backends.base import Storage
-from sds.backends.sqlite import store_filename
 from sds.background import Tasks
 from sds.chunks import ChunkBudget
 from sds.config import SETTINGS, Config
@@ -49,7 +48,7 @@ from sds.forwarding import close_session
 from sds.health import StorageHealth, healthz_handler
 from sds.logs import flush_log_summaries, redact_access_log
 from sds.metrics import Metrics, sds_version
-from sds.ownership import WS, Key, Ownership
+from sds.ownership import WS, Key, Ownership, ownership_for, same_lock
 from sds.relay import Relay
 from sds.signalling import Signalling, signal_handler
 from sds.token_api import token_handler
@@ -166,24 +165,17 @@ async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
 
 
 def _ownership(app: web.Application, storage: Storage[Any] | None) -> Ownership | None:
-    """Store ownership among the processes of one lock dir: the persist dir, or --lock-dir.
-
-    A persist dir's store files are locked by the SQLite backend itself; otherwise
-    (relay only, or PostgreSQL on one machine) ownership takes its own locks there.
-    """
-    from sds.backends.sqlite import Storage as SqliteStorage
-
+    """Store ownership among the processes of one lock dir: the persist dir, or --lock-dir."""
     config = app[CONFIG]
-    lock_dir = config.persist_dir if config.persist_dir is not None else config.lock_dir
-    if lock_dir is None:
-        return None
-    ownership = Ownership(
-        lock_dir,
-        storage=storage if isinstance(storage, SqliteStorage) else None,
+    ownership = ownership_for(
+        config.persist_dir if config.persist_dir is not None else config.lock_dir,
+        storage,
         metrics=app[METRICS],
         tasks=app[TASKS],
         handover_grace=config.handover_grace,
     )
+    if ownership is None:
+        return None
     relay = app[RELAY]
     state = app[STATE]
     signalling = app[SIGNALLING]
@@ -206,9 +198,8 @@ def _ownership(app: web.Application, storage: Storage[Any] | None) -> Ownership 
 
     def shares_lock(key: Key) -> bool:
         kind, store_id = key
-        name = store_filename(store_id)
         live = relay.stores if kind == WS else signalling.rooms
-        return any(other != store_id and store_filename(other) == name for other in live)
+        return any(other != store_id and same_lock(other, store_id) for other in live)
 
     ownership.close_clients = close_clients
     ownership.in_use = in_use

@@ -23,7 +23,6 @@ from aiohttp import WSMsgType, hdrs, web
 
 from sds.appkeys import CONFIG, RELAY
 from sds.auth import CLIENT_ADDRESS, http_error, request_token
-from sds.backends.sqlite import StoreLocked
 from sds.client import store_url
 from sds.ownership import (
     CLOSE_SERVICE_RESTART,
@@ -32,6 +31,7 @@ from sds.ownership import (
     Key,
     NotOwner,
     Ownership,
+    StoreLocked,
 )
 from sds.relay import Refused
 
@@ -58,13 +58,13 @@ class _Reroute(Exception):
     """The owner refused (not the owner any more) or did not answer: look again."""
 
 
-def forwarded_by(request: web.Request, ownership: Ownership) -> str | None:
-    """The instance id of the live sds process of the lock dir that forwarded this
-    connection here; None for a direct one."""
+async def forwarded_by(request: web.Request, ownership: Ownership) -> str | None:
+    """The URL of the live sds process (of the same locks) that forwarded this connection
+    here; None for a direct one."""
     instance = request.headers.get(FORWARDED_HEADER)
-    if instance is None or ownership.server_url(instance) is None:
+    if instance is None:
         return None
-    return instance
+    return await ownership.server_url(instance)
 
 
 async def serve_here_or_forward(

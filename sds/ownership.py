@@ -27,9 +27,9 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 
@@ -44,6 +44,7 @@ from sds.backends.sqlite import (
     try_lock,
     unlock,
 )
+from sds.backends.sqlite import StoreLocked as StoreLocked  # raised by Locks.take
 
 if TYPE_CHECKING:
     from sds.backends.sqlite import Storage as SqliteStorage
@@ -87,21 +88,150 @@ class Use:
         return self.forwarded > 0 and (self.direct == 0 or self.failback)
 
 
+def same_lock(a: str, b: str) -> bool:
+    """True when two store ids share one lock on one machine (one file name)."""
+    return store_filename(a) == store_filename(b)
+
+
+def ownership_for(
+    lock_dir: Path | None,
+    storage: object,
+    *,
+    metrics: Metrics,
+    tasks: Tasks,
+    handover_grace: float,
+) -> Ownership | None:
+    """Ownership among the processes of one lock dir (None: no lock dir, a process alone).
+
+    A persist dir's store files are locked by the SQLite backend itself; otherwise
+    (relay only, or PostgreSQL on one machine) ownership takes its own lock files.
+    """
+    from sds.backends.sqlite import Storage as SqliteStorage
+
+    if lock_dir is None:
+        return None
+    return Ownership(
+        lock_dir,
+        storage=storage if isinstance(storage, SqliteStorage) else None,
+        metrics=metrics,
+        tasks=tasks,
+        handover_grace=handover_grace,
+    )
+
+
+class Locks(Protocol):
+    """Where ownership locks live: lock files of one machine, or PostgreSQL (sds.pg_ownership)."""
+
+    def ident(self, key: Key) -> Hashable:
+        """What identifies the lock of ``key`` (two keys may share one lock)."""
+
+    async def take(self, key: Key, record: LockRecord, timeout: float) -> tuple[Any, Any]:
+        """Take the lock: (handle, the record the previous holder left or None).
+
+        StoreLocked (with the holder's record) when another server holds it; a
+        holder without a URL or handing over is waited for up to ``timeout``.
+        """
+
+    def release(self, handle: Any) -> None: ...
+
+    def mark(self, handle: Any, record: LockRecord) -> None: ...
+
+    async def holder(self, key: Key) -> LockRecord | None: ...
+
+    async def server_url(self, instance: str) -> str | None: ...
+
+    def advertise(self, record: LockRecord) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class FileLocks:
+    """Ownership locks as lock files in one directory of one machine (flock + JSON record)."""
+
+    def __init__(self, lock_dir: Path) -> None:
+        self.lock_dir = lock_dir
+        self._server_fd: int | None = None
+        self._server_instance = ""
+
+    def ident(self, key: Key) -> Path:
+        """The path whose ``.lock`` is the lock of a store or room."""
+        kind, store_id = key
+        name = store_filename(store_id)
+        if kind == SIGNAL:
+            return self.lock_dir / (name[: -len(".db")] + ".signal")
+        return self.lock_dir / name
+
+    async def take(self, key: Key, record: LockRecord, timeout: float) -> tuple[int, Any]:
+        base = self.ident(key)
+        previous: list[LockRecord | None] = []
+        fd = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: try_lock(base, timeout=timeout, record=record, previous=previous)
+        )
+        return fd, previous[0] if previous else None
+
+    def release(self, handle: Any) -> None:
+        unlock(handle)
+
+    def mark(self, handle: Any, record: LockRecord) -> None:
+        rewrite_record(handle, record)
+
+    async def holder(self, key: Key) -> LockRecord | None:
+        try:
+            return lock_holder(self.ident(key))
+        except OSError:
+            return None
+
+    async def server_url(self, instance: str) -> str | None:
+        if not _INSTANCE.match(instance):
+            return None
+        with contextlib.suppress(OSError):
+            holder = lock_holder(self.lock_dir / f"{SERVER_RECORD_PREFIX}{instance}")
+            if holder is not None and holder.url:
+                return holder.url
+        return None
+
+    def advertise(self, record: LockRecord) -> None:
+        """Leave a server record in the lock dir, held while this process runs."""
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        if self._server_fd is None:
+            self._server_instance = record.instance
+            try:
+                self._server_fd = try_lock(
+                    self.lock_dir / f"{SERVER_RECORD_PREFIX}{record.instance}",
+                    timeout=2.0,
+                    record=record,
+                )
+            except OSError as exc:
+                log.warning("cannot write the server record in %s: %s", self.lock_dir, exc)
+
+    def close(self) -> None:
+        if self._server_fd is not None:
+            name = f"{SERVER_RECORD_PREFIX}{self._server_instance}{LOCK_SUFFIX}"
+            with contextlib.suppress(OSError):
+                (self.lock_dir / name).unlink()
+            unlock(self._server_fd)
+            self._server_fd = None
+
+
 class Ownership:
     """The stores and rooms this process owns, how to find another owner, and handovers."""
 
     def __init__(
         self,
-        lock_dir: Path,
+        lock_dir: Path | None,
         *,
         storage: SqliteStorage | None,
+        locks: Locks | None = None,
         metrics: Metrics,
         tasks: Tasks,
         handover_grace: float = 2.0,
         lock_timeout: float = 5.0,
     ) -> None:
-        self.lock_dir = lock_dir
         self.storage = storage
+        if locks is None:
+            assert lock_dir is not None
+            locks = FileLocks(lock_dir)
+        self.locks = locks
         self.metrics = metrics
         self.tasks = tasks
         self.handover_grace = handover_grace
@@ -111,12 +241,12 @@ class Ownership:
             if storage is not None
             else LockRecord(pid=os.getpid(), instance=secrets.token_hex(8))
         )
-        self._held: dict[Path, list[Any]] = {}
-        """Locks this module holds itself (rooms, relay-only stores): [fd, users, previous]."""
-        self._taking: dict[Path, asyncio.Lock] = {}
+        self._held: dict[Hashable, list[Any]] = {}
+        """Locks this module holds itself (rooms, relay-only stores):
+        [handle, users, previous record, key]."""
+        self._taking: dict[Hashable, asyncio.Lock] = {}
         self._uses: dict[Key, Use] = {}
         self.releasing: dict[Key, asyncio.Event] = {}
-        self._server_fd: int | None = None
         self.close_clients: Callable[[Key, int, str], None] = lambda key, code, reason: None
         """Set by the application: close every local client of a store or room."""
         self.in_use: Callable[[Key], bool] = lambda key: False
@@ -142,36 +272,21 @@ class Ownership:
         return self.record.instance
 
     def advertise(self, url: str) -> None:
-        """Record this process's URL; relay-only, also leave a server record in the lock dir."""
+        """Record this process's URL, and leave a server record where the locks are."""
         if self.storage is not None:
             return  # Storage.advertise records it (and the server record)
         self._record = dataclasses.replace(self.record, url=url)
-        self.lock_dir.mkdir(parents=True, exist_ok=True)
-        if self._server_fd is None:
-            try:
-                self._server_fd = try_lock(
-                    self.lock_dir / f"{SERVER_RECORD_PREFIX}{self.instance}",
-                    timeout=2.0,
-                    record=self.record,
-                )
-            except OSError as exc:
-                log.warning("cannot write the server record in %s: %s", self.lock_dir, exc)
+        self.locks.advertise(self.record)
 
-    def server_url(self, instance: str) -> str | None:
-        """The URL of ``instance`` when it is a server holding its record in the lock dir now."""
-        if not _INSTANCE.match(instance):
-            return None
-        with contextlib.suppress(OSError):
-            holder = lock_holder(self.lock_dir / f"{SERVER_RECORD_PREFIX}{instance}")
-            if holder is not None and holder.url:
-                return holder.url
-        return None
+    async def server_url(self, instance: str) -> str | None:
+        """The URL of ``instance`` when it is a live server of the same locks now."""
+        return await self.locks.server_url(instance)
 
     def previous_url(self, key: Key) -> str | None:
         """The URL of the server that had ``key`` before this process took it from a killed
         or stopped owner (None: taken free, or handed over to us)."""
         if self._self_locked(key):
-            held = self._held.get(self.lock_base(key))
+            held = self._held.get(self.locks.ident(key))
             previous = held[2] if held is not None else None
         else:
             assert self.storage is not None
@@ -182,30 +297,24 @@ class Ownership:
             return None
         return previous.url
 
-    def lock_base(self, key: Key) -> Path:
-        """The path whose ``.lock`` is the lock of a store or room."""
-        kind, store_id = key
-        name = store_filename(store_id)
-        if kind == SIGNAL:
-            return self.lock_dir / (name[: -len(".db")] + ".signal")
-        return self.lock_dir / name
-
     def _self_locked(self, key: Key) -> bool:
         """Locks this module takes; a persistent server's stores are locked by their files."""
         return key[0] == SIGNAL or self.storage is None
 
     def owns(self, key: Key) -> bool:
         if self._self_locked(key):
-            return self.lock_base(key) in self._held
+            return self.locks.ident(key) in self._held
         assert self.storage is not None
         return self.storage.holds(key[1])
 
-    def holder(self, key: Key) -> LockRecord | None:
+    async def holder(self, key: Key) -> LockRecord | None:
         """The record of whoever holds the lock now (None: nobody)."""
-        try:
-            return lock_holder(self.lock_base(key))
-        except OSError:
-            return None
+        return await self.locks.holder(key)
+
+    def lease(self, key: Key) -> Any:
+        """The handle of the lock this process holds for ``key`` (None: not held)."""
+        held = self._held.get(self.locks.ident(key))
+        return None if held is None else held[0]
 
     async def route(self, key: Key, *, forwarded: bool) -> str | None:
         """Where a connection of ``key`` is served: None here, or the owner's URL.
@@ -226,7 +335,7 @@ class Ownership:
             return None
         if forwarded:
             raise NotOwner
-        holder = self.holder(key)
+        holder = await self.holder(key)
         if (
             holder is None
             or holder.instance == self.instance
@@ -244,21 +353,15 @@ class Ownership:
         """
         if not self._self_locked(key):
             return
-        base = self.lock_base(key)
+        base = self.locks.ident(key)
         taking = self._taking.setdefault(base, asyncio.Lock())
         async with taking:
             held = self._held.get(base)
             if held is not None:
                 held[1] += 1
                 return
-            loop = asyncio.get_running_loop()
-            record = self.record
-            previous: list[LockRecord | None] = []
-            fd = await loop.run_in_executor(
-                None,
-                lambda: try_lock(base, timeout=self.lock_timeout, record=record, previous=previous),
-            )
-            self._held[base] = [fd, 1, previous[0] if previous else None]
+            handle, previous = await self.locks.take(key, self.record, self.lock_timeout)
+            self._held[base] = [handle, 1, previous, key]
             self.metrics.ownership_changes["acquired"] += 1
         if not taking.locked():
             self._taking.pop(base, None)
@@ -267,19 +370,30 @@ class Ownership:
         """One user fewer of a lock taken by ``claim``; the last one releases it."""
         if not self._self_locked(key):
             return
-        base = self.lock_base(key)
+        base = self.locks.ident(key)
         held = self._held.get(base)
         if held is None:
             return
         held[1] -= 1
         if held[1] <= 0:
-            del self._held[base]
-            unlock(held[0])
-            if key not in self.releasing:
-                self.metrics.ownership_changes["released"] += 1
+            self._release_when_unused(base, held, time.monotonic() + HANDOVER_DRAIN_SECONDS)
+
+    def _release_when_unused(self, base: Hashable, held: list[Any], deadline: float) -> None:
+        """Release a lock once its store's queued commits are done (or at ``deadline``)."""
+        if self._held.get(base) is not held or held[1] > 0:
+            return  # taken again meanwhile, or lost
+        key = held[3]
+        if self.in_use(key) and time.monotonic() < deadline:
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.02, self._release_when_unused, base, held, deadline)
+            return
+        del self._held[base]
+        self.locks.release(held[0])
+        if key not in self.releasing:
+            self.metrics.ownership_changes["released"] += 1
 
     def joined(self, key: Key, *, via: str | None) -> None:
-        """A client of ``key`` joined here: directly, or forwarded by the server ``via``.
+        """A client of ``key`` joined here: directly, or forwarded by the server at URL ``via``.
 
         Failback: a store this process took from a killed or stopped server goes back
         to it once clients reach it again (they arrive forwarded from its URL) and no
@@ -289,7 +403,7 @@ class Ownership:
         if via is not None:
             use.forwarded += 1
             previous = self.previous_url(key)
-            if previous is not None and self.server_url(via) == previous:
+            if previous is not None and via == previous:
                 use.failback = True
         else:
             use.direct += 1
@@ -333,9 +447,9 @@ class Ownership:
 
     def _mark(self, key: Key, record: LockRecord) -> None:
         if self._self_locked(key):
-            held = self._held.get(self.lock_base(key))
+            held = self._held.get(self.locks.ident(key))
             if held is not None:
-                rewrite_record(held[0], record)
+                self.locks.mark(held[0], record)
         elif self.storage is not None:
             self.storage.mark(key[1], record)
 
@@ -386,8 +500,8 @@ class Ownership:
         # With the URL: the process that takes a store next moves it back here when
         # this server returns (see ``joined``).
         record = dataclasses.replace(self.record, command=HANDOVER_COMMAND)
-        for fd, *_rest in self._held.values():
-            rewrite_record(fd, record)
+        for handle, *_rest in self._held.values():
+            self.locks.mark(handle, record)
         if self.storage is not None:
             for file in self.storage.open_files():
                 if file.lock_fd is not None:
@@ -395,12 +509,27 @@ class Ownership:
         for close in list(self.pipes):
             close(code, "server shutting down")
 
+    def lose_all(self, why: str) -> None:
+        """The locks are gone (cut off from where they live): stop serving their stores.
+
+        Their clients are closed with 1012 and reconnect through the proxy; nothing is
+        taken back later (another process may own the stores by then).
+        """
+        held, self._held = self._held, {}
+        for _handle, _users, _previous, key in held.values():
+            self.metrics.ownership_changes["lost"] += 1
+            self.close_clients(key, CLOSE_SERVICE_RESTART, "store ownership lost")
+        if held:
+            log.error(
+                "lost the ownership of %d stores and rooms (%s): their clients are closed "
+                "with 1012 and reconnect through the proxy",
+                len(held),
+                why,
+                extra={"event": "ownership_lost", "count": len(held)},
+            )
+
     def close(self) -> None:
-        for fd, *_rest in self._held.values():
-            unlock(fd)
+        for handle, *_rest in self._held.values():
+            self.locks.release(handle)
         self._held.clear()
-        if self._server_fd is not None:
-            with contextlib.suppress(OSError):
-                (self.lock_dir / f"{SERVER_RECORD_PREFIX}{self.instance}{LOCK_SUFFIX}").unlink()
-            unlock(self._server_fd)
-            self._server_fd = None
+        self.locks.close()

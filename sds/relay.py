@@ -39,7 +39,6 @@ from sds.protocol import encode_server_frame, encode_server_frames
 
 if TYPE_CHECKING:
     from sds.backends.base import Commit, Storage, StoreLog
-    from sds.backends.sqlite import LockRecord
 
 log = logging.getLogger(__name__)
 
@@ -293,11 +292,12 @@ CATCHUP_WAIT_SECONDS = 60.0
 class Refused(Exception):
     """A connection cannot be admitted now (HTTP 503 before the upgrade)."""
 
-    def __init__(self, message: str, reason: str, holder: LockRecord | None = None) -> None:
+    def __init__(self, message: str, reason: str, holder: Any = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.holder = holder
-        """Who holds the store's lock, when another process does (see sds.forwarding)."""
+        """Who holds the store's lock (a LockRecord), when another process does
+        (see sds.forwarding)."""
 
 
 class Relay:

@@ -133,7 +133,7 @@ async def signal_handler(request: web.Request) -> web.StreamResponse:
     key = (SIGNAL, store_id)
     via: str | None = None
     if ownership is not None:
-        via = forwarded_by(request, ownership)
+        via = await forwarded_by(request, ownership)
         placed = await serve_here_or_forward(
             request, ownership, key, forwarded=via is not None, open_here=_nothing
         )

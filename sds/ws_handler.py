@@ -49,7 +49,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         if ownership is None:
             store = await relay.open_store(store_id)
         else:
-            via = forwarded_by(request, ownership)
+            via = await forwarded_by(request, ownership)
             placed = await serve_here_or_forward(
                 request,
                 ownership,

@@ -9,8 +9,9 @@ import sds
 
 PACKAGE = Path(sds.__file__).parent
 CONCRETE = ("sds.backends.sqlite", "sds.backends.postgres")
-MAY_IMPORT_SQLITE = {"maintenance.py", "backup.py"}
-"""Maintenance and backup work on SQLite store files on disk (as does the CLI, in sds/cli)."""
+MAY_IMPORT_SQLITE = {"maintenance.py", "backup.py", "ownership.py"}
+"""Maintenance and backup work on SQLite store files on disk (as does the CLI, in sds/cli);
+ownership on one machine is the lock files' flock and records."""
 
 
 def imported_modules(path: Path) -> set[str]:
