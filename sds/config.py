@@ -68,6 +68,7 @@ class Config:
     permessage_deflate: bool = False
     lock_dir: Path | None = None
     handover_grace: float = 2.0
+    database_ownership: bool = False
     log_format: str = "text"
     log_level: str = "info"
 
@@ -94,6 +95,13 @@ class Config:
             raise ConfigError(
                 "lock-dir is for relay-only processes; a server with a persist dir "
                 "takes its store locks in the persist dir"
+            )
+        if self.database_ownership and self.database_url is None:
+            raise ConfigError("database-ownership needs --database-url")
+        if self.database_ownership and self.lock_dir is not None:
+            raise ConfigError(
+                "database-ownership and lock-dir exclude each other: ownership lives "
+                "in the database or in a lock dir"
             )
         for name in _POSITIVE:
             if getattr(self, name) <= 0:
@@ -451,6 +459,16 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds a store whose clients all arrive forwarded by other processes stays here "
         "before it is handed over (clients closed with 1012, reconnect through the proxy).",
         "SECONDS",
+    ),
+    Setting(
+        "database_ownership",
+        ("SDS_DATABASE_OWNERSHIP",),
+        _parse_bool,
+        "With --database-url: servers on several machines own stores through the "
+        "database (a lease row and an advisory lock per store, every commit fenced by "
+        "the lease's epoch), so a store is never split between them. Off: one server "
+        "per database, or --lock-dir for processes of one machine.",
+        "BOOL",
     ),
     Setting(
         "log_format", ("SDS_LOG_FORMAT",), _parse_choice("log_format"), "text or json.", "FORMAT"

@@ -9,9 +9,9 @@ import sds
 
 PACKAGE = Path(sds.__file__).parent
 CONCRETE = ("sds.backends.sqlite", "sds.backends.postgres")
-MAY_IMPORT_SQLITE = {"maintenance.py", "backup.py", "ownership.py"}
+MAY_IMPORT_SQLITE = {"maintenance.py", "backup.py", "ownership.py", "pg_ownership.py"}
 """Maintenance and backup work on SQLite store files on disk (as does the CLI, in sds/cli);
-ownership on one machine is the lock files' flock and records."""
+ownership uses the lock records (and, on one machine, the lock files' flock)."""
 
 
 def imported_modules(path: Path) -> set[str]:
