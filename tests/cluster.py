@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tests.deploy_tools import require_tool, stop, substitute, wait_for_port
-from tests.helpers import ServerProcess, clean_env, free_port, http_get
 from tests.helpers import TEST_SECRET as TEST_SECRET
+from tests.helpers import ServerProcess, clean_env, free_port, http_get
 
 ROOT = Path(__file__).resolve().parent.parent
 HAPROXY_CONFIG = ROOT / "deployment" / "haproxy" / "sds.cfg"
@@ -65,10 +65,7 @@ def haproxy_config(
         raise ValueError(f"unknown balance {balance!r}")
     for index, name in enumerate(SHIPPED_SERVERS):
         line = f"    server {name} 127.0.0.1:{name[3:]} check\n"
-        if index < len(ports):
-            new = f"    server {name} 127.0.0.1:{ports[index]} check\n"
-        else:
-            new = ""
+        new = f"    server {name} 127.0.0.1:{ports[index]} check\n" if index < len(ports) else ""
         config = substitute(config, line, new)
     return config
 

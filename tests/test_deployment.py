@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tests.deploy_tools import require_tool as _tool
 from tests.deploy_tools import run_tool as _run
+from tests.deploy_tools import self_signed_certificate
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOYMENT = ROOT / "deployment"
@@ -156,15 +157,9 @@ def test_haproxy_config_passes_haproxy_c_and_routes_by_path_without_the_token(
     tmp_path: Path,
 ) -> None:
     haproxy = _tool("haproxy")
-    openssl = _tool("openssl")
-    keys = _run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        + ["-subj", "/CN=t", "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "c.pem")],
-        tmp_path,
-    )
-    assert keys.returncode == 0, keys.stderr
+    cert, key = self_signed_certificate(tmp_path)
     pem = tmp_path / "sds.pem"
-    pem.write_text((tmp_path / "c.pem").read_text() + (tmp_path / "key.pem").read_text())
+    pem.write_text(cert.read_text() + key.read_text())
     config = (DEPLOYMENT / "haproxy" / "sds.cfg").read_text()
     directives = [line.split("#", 1)[0].strip() for line in config.splitlines()]
     assert "balance uri path-only" in directives
@@ -201,13 +196,7 @@ def test_systemd_template_unit_verifies_with_the_port_as_instance(tmp_path: Path
 
 def test_nginx_cluster_upstream_hashes_the_path_and_passes_nginx_t(tmp_path: Path) -> None:
     nginx = _tool("nginx")
-    openssl = _tool("openssl")
-    keys = _run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        + ["-subj", "/CN=t", "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "c.pem")],
-        tmp_path,
-    )
-    assert keys.returncode == 0, keys.stderr
+    cert, key = self_signed_certificate(tmp_path)
     upstream = (DEPLOYMENT / "nginx" / "sds-cluster-upstream.conf").read_text()
     block = upstream[upstream.index("\nupstream sds_relay {") :]
     assert "hash $uri consistent;" in block and "$request_uri" not in block
@@ -216,8 +205,8 @@ def test_nginx_cluster_upstream_hashes_the_path_and_passes_nginx_t(tmp_path: Pat
     single = single[: single.index("}") + 1]
     site = (
         site.replace(single, block.strip())
-        .replace("/etc/letsencrypt/live/sds.example.com/fullchain.pem", str(tmp_path / "c.pem"))
-        .replace("/etc/letsencrypt/live/sds.example.com/privkey.pem", str(tmp_path / "key.pem"))
+        .replace("/etc/letsencrypt/live/sds.example.com/fullchain.pem", str(cert))
+        .replace("/etc/letsencrypt/live/sds.example.com/privkey.pem", str(key))
         .replace("/var/log/nginx/", f"{tmp_path}/")
     )
     assert "hash $uri consistent;" in site
