@@ -1,0 +1,64 @@
+"""``sds cluster status``: the processes sharing a persist dir and the stores each owns."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from sds.cli.options import ConfigFailure, config_from, fail, print_table, setting_options
+from sds.cli.store import json_option, persist_dir_of
+
+
+@click.group()
+def cluster() -> None:
+    """Several sds processes on one persist dir (docs/scaling.md)."""
+
+
+@cluster.command("status")
+@json_option
+@setting_options("persist_dir", secret=False)
+def cluster_status_command(as_json: bool, **options: Any) -> None:
+    """Show the live processes of the persist dir, where each is reached and its stores.
+
+    Read from the lock files of the persist dir: a process is alive while it holds
+    its server record, and owns a store while it holds the store file's lock.
+    Nothing is written. Exit 1 when no process is alive.
+
+    \b
+    Examples:
+      sds cluster status --persist-dir /var/lib/sds
+      sds cluster status --json | jq '.processes[] | {url, stores: [.stores[].store]}'
+    """
+    from sds.cluster import ClusterError, cluster_status
+
+    config = config_from(options, require_secret=False)
+    directory = persist_dir_of(config)
+    try:
+        status = cluster_status(directory)
+    except ClusterError as exc:
+        raise ConfigFailure(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(status.as_json(), indent=2))
+    else:
+        rows = [
+            (
+                process.url or "-",
+                str(process.pid),
+                process.instance,
+                str(len(process.stores)),
+                " ".join(store.store for store in process.stores) or "-",
+            )
+            for process in status.processes
+        ]
+        rows += [
+            (other.command or "-", str(other.pid), "-", "1", other.file) for other in status.others
+        ]
+        print_table(
+            ("url", ("pid", "right"), "instance", ("stores", "right"), "owns"),
+            rows,
+            title=f"{directory}: {len(status.processes)} process(es) alive",
+        )
+    if not status.alive:
+        fail(f"no sds process is serving {directory}")
