@@ -24,6 +24,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import aiohttp
+
+from sds.client import ClientClosed, StoreClient
 from tests.deploy_tools import require_tool, stop, substitute, wait_for_port
 from tests.helpers import TEST_SECRET as TEST_SECRET
 from tests.helpers import ServerProcess, clean_env, free_port, http_get
@@ -263,3 +266,92 @@ def running_cluster(
         yield cluster.start()
     finally:
         cluster.close()
+
+
+class ReconnectingPeer:
+    """A client of one store through the proxy that behaves like the SDS clients on a close.
+
+    When its connection closes (or a connect fails) it waits ``delay`` and
+    reconnects, at most ``max_attempts`` times in all. It reads every frame and
+    keeps them in ``received``; ``send`` writes on the current connection, if any.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        store_id: str,
+        token: str,
+        *,
+        delay: float = 0.3,
+        max_attempts: int = 40,
+    ) -> None:
+        self.base_url = base_url
+        self.store_id = store_id
+        self.token = token
+        self.delay = delay
+        self.max_attempts = max_attempts
+        self.received: list[bytes] = []
+        self.connects = 0
+        self.close_codes: list[int | None] = []
+        self.failed_connects: list[str] = []
+        self.client: StoreClient | None = None
+        self.connected = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> ReconnectingPeer:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Close the connection and end the reconnect loop (bounded)."""
+        self._stop.set()
+        if self._task is not None:
+            await asyncio.wait_for(self._task, timeout)
+
+    async def send(self, frame: bytes) -> bool:
+        """Send on the current connection; False when there is none (the frame is not kept)."""
+        client = self.client
+        if client is None:
+            return False
+        try:
+            await client.send(frame)
+        except (ConnectionError, RuntimeError, aiohttp.ClientError):
+            return False
+        return True
+
+    async def _run(self) -> None:
+        attempts = 0
+        while not self._stop.is_set():
+            attempts += 1
+            if attempts > self.max_attempts:
+                raise RuntimeError(
+                    f"{self.store_id}: more than {self.max_attempts} connects; failures: "
+                    f"{self.failed_connects[-5:]}, closes: {self.close_codes[-5:]}"
+                )
+            client = StoreClient(self.base_url, self.store_id, self.token)
+            try:
+                await asyncio.wait_for(client.connect(), 10.0)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                status = getattr(exc, "status", None)
+                self.failed_connects.append(f"{type(exc).__name__} {status or ''}".strip())
+                await asyncio.sleep(self.delay)
+                continue
+            self.connects += 1
+            self.client = client
+            self.connected.set()
+            try:
+                while not self._stop.is_set():
+                    try:
+                        self.received.append(await client.receive(timeout=0.2))
+                    except TimeoutError:
+                        continue
+                    except ClientClosed as closed:
+                        self.close_codes.append(closed.code)
+                        break
+            finally:
+                self.client = None
+                self.connected.clear()
+                await client.close()
+            if not self._stop.is_set():
+                await asyncio.sleep(self.delay)
