@@ -23,6 +23,7 @@ from sds.appkeys import (
     HEALTH,
     MAINTENANCE,
     METRICS,
+    OWNERSHIP,
     RELAY,
     SIGNALLING,
     STATE,
@@ -39,9 +40,11 @@ from sds.auth import (
 from sds.background import Tasks
 from sds.chunks import ChunkBudget
 from sds.config import SETTINGS, Config, check_persist_dir
+from sds.forwarding import close_session
 from sds.health import StorageHealth, healthz_handler
 from sds.logs import flush_log_summaries, redact_access_log
 from sds.metrics import Metrics, sds_version
+from sds.ownership import WS, Key, Ownership
 from sds.relay import CLOSE_GOING_AWAY, Relay
 from sds.signalling import Signalling, signal_handler
 from sds.storage import Storage
@@ -148,10 +151,13 @@ async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
         max_catchup_bytes_total=config.max_catchup_bytes_total,
         tasks=tasks,
     )
+    app[OWNERSHIP] = ownership = _ownership(app, storage)
     sweeper = asyncio.create_task(_housekeeping(app))
     try:
         yield
     finally:
+        if ownership is not None:
+            await close_session(ownership)
         sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper
@@ -161,7 +167,47 @@ async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
         if storage is not None:
             await storage.close()
             log.info("storage flushed and closed")
+        if ownership is not None:
+            ownership.close()
         maintenance.shutdown(wait=False, cancel_futures=True)
+
+
+def _ownership(app: web.Application, storage: Storage | None) -> Ownership | None:
+    """Store ownership among the processes of one lock dir: the persist dir, or --lock-dir."""
+    config = app[CONFIG]
+    lock_dir = config.persist_dir if config.persist_dir is not None else config.lock_dir
+    if lock_dir is None:
+        return None
+    ownership = Ownership(
+        lock_dir,
+        storage=storage,
+        metrics=app[METRICS],
+        tasks=app[TASKS],
+        handover_grace=config.handover_grace,
+    )
+    relay = app[RELAY]
+    state = app[STATE]
+    signalling = app[SIGNALLING]
+
+    def close_clients(key: Key, code: int, reason: str) -> None:
+        kind, store_id = key
+        if kind == WS:
+            for client in [c for c in state.clients if c.store_id == store_id]:
+                client.close(code, reason)
+        else:
+            room = signalling.rooms.get(store_id)
+            for peer in list(room.peers) if room is not None else []:
+                peer.client.close(code, reason)
+
+    def in_use(key: Key) -> bool:
+        kind, store_id = key
+        if kind == WS:
+            return store_id in relay.stores
+        return store_id in signalling.rooms
+
+    ownership.close_clients = close_clients
+    ownership.in_use = in_use
+    return ownership
 
 
 async def _housekeeping(app: web.Application) -> None:
@@ -186,6 +232,9 @@ async def _close_clients(app: web.Application) -> None:
     """On SIGTERM/SIGINT: refuse new clients, close every open one with 1001."""
     state = app[STATE]
     state.shutting_down = True
+    ownership = app.get(OWNERSHIP)
+    if ownership is not None:
+        ownership.retire(CLOSE_GOING_AWAY)
     for client in list(state.clients):
         client.close(CLOSE_GOING_AWAY, "server shutting down")
     await app[SIGNALLING].close_all(CLOSE_GOING_AWAY)
@@ -286,6 +335,9 @@ def run(
         storage = app[STORAGE]
         if storage is not None:
             storage.advertise(url)
+        ownership = app[OWNERSHIP]
+        if ownership is not None:
+            ownership.advertise(url)
 
     app.on_startup.append(advertise)
 

@@ -62,6 +62,8 @@ class Config:
     trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     mint_beyond_admin_expiry: bool = False
     permessage_deflate: bool = False
+    lock_dir: Path | None = None
+    handover_grace: float = 2.0
     log_format: str = "text"
     log_level: str = "info"
 
@@ -84,6 +86,11 @@ class Config:
             choices = _CHOICES[name]
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name.replace('_', '-')} must be one of {', '.join(choices)}")
+        if self.lock_dir is not None and self.persist_dir is not None:
+            raise ConfigError(
+                "lock-dir is for relay-only processes; a server with a persist dir "
+                "takes its store locks in the persist dir"
+            )
         for name in _POSITIVE:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be greater than 0")
@@ -114,6 +121,7 @@ _POSITIVE = (
     "max_request_bytes",
     "heartbeat",
     "shutdown_timeout",
+    "handover_grace",
 )
 
 
@@ -385,6 +393,23 @@ SETTINGS: tuple[Setting, ...] = (
         _parse_bool,
         "Accept permessage-deflate from clients (off: it costs CPU on every frame).",
         "BOOL",
+    ),
+    Setting(
+        "lock_dir",
+        ("SDS_LOCK_DIR",),
+        Path,
+        "Relay only: directory where the processes of one machine take a lock per store "
+        "(and per signalling room); the holder owns it and the others forward its clients "
+        "there. A server with a persist dir uses its persist dir. Unset: no ownership.",
+        "DIR",
+    ),
+    Setting(
+        "handover_grace",
+        ("SDS_HANDOVER_GRACE",),
+        _parse_float,
+        "Seconds a store whose clients all arrive forwarded by other processes stays here "
+        "before it is handed over (clients closed with 1012, reconnect through the proxy).",
+        "SECONDS",
     ),
     Setting(
         "log_format", ("SDS_LOG_FORMAT",), _parse_choice("log_format"), "text or json.", "FORMAT"

@@ -37,11 +37,11 @@ from sds.background import Tasks, spawn
 from sds.budget import ByteBudget, PendingBytes
 from sds.metrics import Metrics
 from sds.protocol import binary_frame_header, encode_server_frame, encode_server_frames
-from sds.storage import StorageError
+from sds.storage import StorageError, StoreLocked
 
 if TYPE_CHECKING:
     from sds.config import Config
-    from sds.storage import Commit, Storage, StoreLog
+    from sds.storage import Commit, LockRecord, Storage, StoreLog
     from sds.tokens import Claims
 
 log = logging.getLogger(__name__)
@@ -596,9 +596,11 @@ CATCHUP_WAIT_SECONDS = 60.0
 class Refused(Exception):
     """A connection cannot be admitted now (HTTP 503 before the upgrade)."""
 
-    def __init__(self, message: str, reason: str) -> None:
+    def __init__(self, message: str, reason: str, holder: LockRecord | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.holder = holder
+        """Who holds the store's lock, when another process does (see sds.forwarding)."""
 
 
 class Relay:
@@ -636,10 +638,15 @@ class Relay:
 
     def admit(self, store_id: str) -> None:
         """Raise Refused when one more connection to ``store_id`` would pass a limit."""
-        if self.connections + self.metrics.signal_connections_open >= self.max_connections:
+        if self.open_connections() >= self.max_connections:
             raise Refused("server is at its connection limit", "max_connections")
         if self._users.get(store_id, 0) >= self.max_connections_per_store:
             raise Refused("store is at its connection limit", "max_connections_per_store")
+
+    def open_connections(self) -> int:
+        """Connections counted by --max-connections: /ws, /signal and forwarded ones."""
+        m = self.metrics
+        return self.connections + m.signal_connections_open + m.forwarded_connections_open
 
     async def open_store(self, store_id: str) -> LiveStore:
         """The live store of ``store_id`` with one more user counted (opens its file if needed)."""
@@ -678,7 +685,8 @@ class Relay:
                 except StorageError as exc:
                     if store.log is not None:
                         self.storage.release(store.log)
-                    raise Refused(str(exc), "storage") from None
+                    holder = exc.holder if isinstance(exc, StoreLocked) else None
+                    raise Refused(str(exc), "storage", holder) from None
             self.stores[store_id] = store
             self.metrics.stores_open = len(self.stores)
             opening.set_result(store)

@@ -229,6 +229,11 @@ def try_lock(db_path: Path, *, timeout: float, record: LockRecord | None = None)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 os.close(fd)
                 raise
+        holder = _read_record(fd) if record is not None and record.url else None
+        if holder is not None and holder.url and holder.instance != (record and record.instance):
+            # Another live server owns it: its clients are forwarded there, no wait.
+            os.close(fd)
+            raise StoreLocked(f"{db_path.name} is locked by another process", holder)
         if time.monotonic() >= deadline:
             holder = _read_record(fd)
             os.close(fd)
@@ -243,6 +248,14 @@ def try_lock(db_path: Path, *, timeout: float, record: LockRecord | None = None)
         # The record is for diagnostics; the flock alone guards the file.
         pass
     return fd
+
+
+def rewrite_record(fd: int, record: LockRecord) -> None:
+    """Replace the record of a lock this process holds (e.g. to say it is being handed over)."""
+    with contextlib.suppress(OSError):
+        data = record.to_json().encode() + b"\n"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
 
 
 def unlock(fd: int) -> None:
@@ -433,6 +446,11 @@ class StoreFile:
             await self.close()
             raise StorageError(f"cannot open {self.path.name}: {exc}") from None
         self.metrics.store_files_open += 1
+
+    @property
+    def lock_fd(self) -> int | None:
+        """The descriptor holding the file's lock (None when closed)."""
+        return self._lock_fd
 
     async def close(self) -> None:
         """Finish pending commits and close the file (and its lock)."""
@@ -895,9 +913,9 @@ class Storage:
         """
         self.holder = dataclasses.replace(self.holder, url=url)
         for other in live_servers(self.directory):
-            log.warning(
-                "persist dir %s is also served by another server (%s): each store file has "
-                "one writer, so stores one server holds get 503 from the other",
+            log.info(
+                "persist dir %s is also served by another server (%s): each store is owned "
+                "by the server holding its file's lock, and the other forwards its clients there",
                 self.directory,
                 other.describe(),
             )
@@ -909,6 +927,27 @@ class Storage:
                 )
             except (OSError, StorageError) as exc:
                 log.warning("cannot write the server record in %s: %s", self.directory, exc)
+
+    def holds(self, store_id: str) -> bool:
+        """True while this server has the store's file open (or is opening it): it owns the store."""
+        name = store_filename(store_id)
+        return name in self._files or name in self._opening
+
+    def mark(self, store_id: str, record: LockRecord) -> None:
+        """Write ``record`` into the lock file of a store file this server holds."""
+        file = self._files.get(store_filename(store_id))
+        if file is not None and file.lock_fd is not None:
+            rewrite_record(file.lock_fd, record)
+
+    async def close_now(self, store_id: str) -> bool:
+        """Close a store's file at once (releasing its lock) if nobody uses it; False if in use."""
+        file = self._files.get(store_filename(store_id))
+        if file is None:
+            return True
+        if file.users:
+            return False
+        await self._close_file(file)
+        return True
 
     def _server_record_path(self) -> Path:
         return self.directory / f"{SERVER_RECORD_PREFIX}{self.holder.instance}"
@@ -955,7 +994,8 @@ class Storage:
                 try:
                     file = await self._open(name)
                 except BaseException as exc:
-                    if isinstance(exc, StoreLocked):
+                    if isinstance(exc, StoreLocked) and (exc.holder is None or not exc.holder.url):
+                        # A store another server owns is forwarded to it (sds.forwarding).
                         self._warn_locked(store_id, exc)
                     opening.set_exception(exc)
                     opening.exception()
@@ -982,6 +1022,7 @@ class Storage:
             lock_timeout=self.lock_timeout, record=self.holder, executor=self.open_executor
         )
         self._files[name] = file
+        self.metrics.ownership_changes["acquired"] += 1
         return file
 
     def release(self, store_log: StoreLog) -> None:
@@ -1005,6 +1046,7 @@ class Storage:
             file.close_handle = None
         if self._files.get(file.path.name) is file:
             del self._files[file.path.name]
+            self.metrics.ownership_changes["released"] += 1
         # Shielded and tracked: a cancelled idle close (shutdown) still finishes, and
         # ``close`` waits for it.
         closing = asyncio.ensure_future(file.close())

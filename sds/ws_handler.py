@@ -11,9 +11,11 @@ import time
 
 from aiohttp import WSMsgType, web
 
-from sds.appkeys import CONFIG, RELAY, STATE, ServerState
+from sds.appkeys import CONFIG, OWNERSHIP, RELAY, STATE, ServerState
 from sds.auth import CloseRefusal, admit, http_error, refuse_with_close
 from sds.chunks import ChunkAssembler, ChunkRefused
+from sds.forwarding import Forwarded, is_forwarded, serve_here_or_forward
+from sds.ownership import WS
 from sds.protocol import (
     KEY_BYTES,
     PATCH,
@@ -39,8 +41,25 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         store_id, claims = admit(request, config, state)
     except CloseRefusal as refusal:
         return await refuse_with_close(request, refusal)
+    ownership = request.app.get(OWNERSHIP)
+    key = (WS, store_id)
+    forwarded = False
     try:
-        store = await relay.open_store(store_id)
+        if ownership is None:
+            store = await relay.open_store(store_id)
+        else:
+            forwarded = is_forwarded(request, ownership)
+            placed = await serve_here_or_forward(
+                request,
+                ownership,
+                key,
+                forwarded=forwarded,
+                open_here=lambda: relay.open_store(store_id),
+            )
+            if isinstance(placed, Forwarded):
+                return placed.response
+            store = placed
+            ownership.joined(key, forwarded=forwarded)
     except Refused as exc:
         relay.metrics.connections_refused[exc.reason] += 1
         raise http_error(503, str(exc)) from None
@@ -85,6 +104,9 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         relay.leave(store, client)
         if client is not None:
             _forget(client, state)
+        if ownership is not None:
+            ownership.left(key, forwarded=forwarded)
+            ownership.unclaim(key)
 
 
 def _forget(client: Client, state: ServerState) -> None:
