@@ -1,8 +1,11 @@
-"""Who serves what in a persist dir shared by several sds processes (``sds cluster status``).
+"""Who serves what in a dir shared by several sds processes (``sds cluster status``).
+
+The dir is the persist dir, or for relay-only processes their ``--lock-dir``.
 
 Read from the lock files alone, without writing anything: a server holds the flock
-of its directory record (``.sds-server-<instance>.lock``) while it runs, and the
-flock of every store file it has open; each lock file carries the holder's JSON
+of its directory record (``.sds-server-<instance>.lock``) while it runs, the
+flock of every store it owns (``<store file>.lock``) and of every signalling room
+it owns (``<room>.signal.lock``); each lock file carries the holder's JSON
 record (``sds.storage.LockRecord``). A flock is the truth about whether a file is
 held, so a record whose flock nobody holds (a process that died) counts for nothing.
 """
@@ -19,6 +22,9 @@ from sds.storage import (
     LockRecord,
     lock_holder,
 )
+
+ROOM_SUFFIX = ".signal"
+"""``<room>.signal.lock``: the lock of a signalling room (``sds.ownership``)."""
 
 
 class ClusterError(Exception):
@@ -42,6 +48,8 @@ class ProcessStatus:
     pid: int
     url: str | None
     stores: list[OwnedStore] = dataclasses.field(default_factory=list)
+    rooms: list[str] = dataclasses.field(default_factory=list)
+    """Signalling rooms it owns (as far as their lock file names tell)."""
 
 
 @dataclasses.dataclass
@@ -88,14 +96,19 @@ def cluster_status(directory: Path) -> ClusterStatus:
         raise ClusterError(f"cannot read {directory}: {exc.strerror}") from None
     processes: dict[str, ProcessStatus] = {}
     store_locks: list[Path] = []
+    room_locks: list[Path] = []
     for lock in lock_files:
         base = lock.with_name(lock.name[: -len(LOCK_SUFFIX)])
         if lock.name.startswith(SERVER_RECORD_PREFIX):
             record = _held(base)
             if record is not None and record.instance:
                 processes[record.instance] = ProcessStatus(record.instance, record.pid, record.url)
-        elif base.suffix == ".db" and not base.name.startswith("."):
+        elif base.name.startswith("."):
+            continue
+        elif base.suffix == ".db":
             store_locks.append(base)
+        elif base.suffix == ROOM_SUFFIX:
+            room_locks.append(base)
     others: list[OtherHolder] = []
     for base in store_locks:
         record = _held(base)
@@ -106,5 +119,10 @@ def cluster_status(directory: Path) -> ClusterStatus:
             owner.stores.append(OwnedStore(file=base.name, store=base.stem))
         else:
             others.append(OtherHolder(file=base.name, pid=record.pid, command=record.command))
+    for base in room_locks:
+        record = _held(base)
+        owner = processes.get(record.instance) if record is not None else None
+        if owner is not None:
+            owner.rooms.append(base.stem)
     ordered = sorted(processes.values(), key=lambda p: (p.url or "", p.pid))
     return ClusterStatus(str(directory), ordered, others)

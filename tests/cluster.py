@@ -63,7 +63,7 @@ def haproxy_config(
         f"bind 127.0.0.1:{frontend_port}",
     )
     if balance == "roundrobin":
-        config = substitute(config, "balance uri path-only", "balance roundrobin")
+        config = substitute(config, "    balance uri path-only\n", "    balance roundrobin\n")
     elif balance != "uri":
         raise ValueError(f"unknown balance {balance!r}")
     for index, name in enumerate(SHIPPED_SERVERS):
@@ -216,7 +216,10 @@ class Cluster:
         deadline = started + timeout
         state = "?"
         while time.monotonic() < deadline:
-            state = self.proxy_states().get(name, "?")
+            try:
+                state = self.proxy_states().get(name, "?")
+            except OSError as exc:  # the stats socket is briefly busy: ask again
+                state = f"? ({exc})"
             if (state == "UP") if up else state.startswith("DOWN"):
                 return time.monotonic() - started
             time.sleep(0.1)

@@ -98,3 +98,43 @@ async def test_cluster_status_of_a_missing_persist_dir_is_a_one_line_error(tmp_p
     code, _, err = await status(tmp_path / "nowhere")
     assert code == 2
     assert err.strip() == f"sds: persist dir {tmp_path / 'nowhere'} does not exist"
+
+
+async def test_cluster_status_of_relay_only_processes_reads_their_lock_dir(tmp_path: Path) -> None:
+    locks = tmp_path / "locks"
+    args = ["--lock-dir", str(locks)]
+    with (
+        spawn_server(args, cwd=tmp_path / "a") as first,
+        spawn_server(args, cwd=tmp_path / "b") as second,
+    ):
+        async with (
+            StoreClient(first.ws_url, "live", first.token("live")) as a,
+            # Reaches the second process, which forwards it to the owner.
+            StoreClient(second.ws_url, "live", second.token("live")) as b,
+            StoreClient(second.ws_url, "room", second.token("room"), path="signal"),
+        ):
+            await a.send(b"\x01patch")
+            assert await b.receive(timeout=10) == b"\x01patch"
+            result = await run_sds_async(
+                "cluster", "status", "--lock-dir", str(locks), "--json", env=clean_env()
+            )
+            assert result.returncode == 0, result.stderr
+            by_url = {p["url"]: p for p in json.loads(result.stdout)["processes"]}
+            assert set(by_url) == {first.http_url, second.http_url}
+            assert [s["store"] for s in by_url[first.http_url]["stores"]] == ["live"]
+            assert by_url[second.http_url]["stores"] == []
+            assert by_url[second.http_url]["rooms"] == ["room"]
+
+
+async def test_cluster_status_without_a_dir_is_a_one_line_usage_error(tmp_path: Path) -> None:
+    result = await run_sds_async("cluster", "status", env=clean_env())
+    assert result.returncode == 2
+    assert "no persist dir or lock dir" in one_error_line(result)
+
+
+async def test_cluster_status_with_both_a_persist_dir_and_a_lock_dir_is_a_usage_error(
+    tmp_path: Path,
+) -> None:
+    result = await run_status(tmp_path, "--lock-dir", str(tmp_path / "locks"))
+    assert result.returncode == 2
+    assert one_error_line(result).startswith("sds: lock-dir is for relay-only processes")

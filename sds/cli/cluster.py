@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from sds.cli.options import ConfigFailure, config_from, fail, print_table, setting_options
-from sds.cli.store import json_option, persist_dir_of
+from sds.cli.store import json_option
 
 
 @click.group()
@@ -18,23 +18,29 @@ def cluster() -> None:
 
 @cluster.command("status")
 @json_option
-@setting_options("persist_dir", secret=False)
+@setting_options("persist_dir", "lock_dir", secret=False)
 def cluster_status_command(as_json: bool, **options: Any) -> None:
-    """Show the live processes of the persist dir, where each is reached and its stores.
+    """Show the live processes of a persist dir (or lock dir), their URLs and stores.
 
-    Read from the lock files of the persist dir: a process is alive while it holds
-    its server record, and owns a store while it holds the store file's lock.
-    Nothing is written. Exit 1 when no process is alive.
+    Read from the lock files: a process is alive while it holds its server record,
+    and owns a store (or signalling room) while it holds its lock. Nothing is
+    written. Exit 1 when no process is alive.
 
     \b
     Examples:
       sds cluster status --persist-dir /var/lib/sds
+      sds cluster status --lock-dir /run/sds          # relay-only processes
       sds cluster status --json | jq '.processes[] | {url, stores: [.stores[].store]}'
     """
     from sds.cluster import ClusterError, cluster_status
 
     config = config_from(options, require_secret=False)
-    directory = persist_dir_of(config)
+    directory = config.lock_dir if config.persist_dir is None else config.persist_dir
+    if directory is None:
+        raise ConfigFailure(
+            "no persist dir or lock dir: set --persist-dir (SDS_PERSIST_DIR) "
+            "or --lock-dir (SDS_LOCK_DIR)"
+        )
     try:
         status = cluster_status(directory)
     except ClusterError as exc:
@@ -48,7 +54,7 @@ def cluster_status_command(as_json: bool, **options: Any) -> None:
                 str(process.pid),
                 process.instance,
                 str(len(process.stores)),
-                " ".join(store.store for store in process.stores) or "-",
+                " ".join([*(s.store for s in process.stores), *process.rooms]) or "-",
             )
             for process in status.processes
         ]
@@ -56,7 +62,7 @@ def cluster_status_command(as_json: bool, **options: Any) -> None:
             (other.command or "-", str(other.pid), "-", "1", other.file) for other in status.others
         ]
         print_table(
-            ("url", ("pid", "right"), "instance", ("stores", "right"), "owns"),
+            ("url", ("pid", "right"), "instance", ("stores", "right"), "owns (stores, rooms)"),
             rows,
             title=f"{directory}: {len(status.processes)} process(es) alive",
         )
