@@ -45,7 +45,9 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 class Traffic:
     """A writer and a listener per store, all through HAProxy; writers send every ``period``."""
 
-    def __init__(self, cluster: Cluster, stores: list[str], period: float = 0.05) -> None:
+    def __init__(
+        self, cluster: Cluster, stores: list[str], period: float = 0.05, first: int = 0
+    ) -> None:
         self.stores = stores
         self.period = period
         self.writers = {
@@ -55,7 +57,8 @@ class Traffic:
             s: ReconnectingPeer(cluster.ws_url, s, cluster.token(s, scope="read"), delay=0.2)
             for s in stores
         }
-        self.sent = dict.fromkeys(stores, 0)
+        self.sent = dict.fromkeys(stores, first)
+        """The number of the next patch of each store (numbers start at ``first``)."""
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -217,7 +220,7 @@ async def test_failback_stores_return_to_the_process_the_proxy_routes_them_to(
     )
     victim_url = cluster.processes[victim].http_url
     assert victim_url in routes.values()
-    async with Traffic(cluster, stores) as again:
+    async with Traffic(cluster, stores, first=10**5) as again:
         back_at = time.monotonic()
         while True:
             held = owners(cluster)
@@ -262,3 +265,24 @@ async def test_sigterm_hands_stores_to_the_others_with_one_reconnect_and_nothing
                     peer.close_codes,
                     peer.failed_connects,
                 )
+
+
+async def test_hung_process_resumed_serves_again_and_nothing_seen_is_lost(
+    cluster: Cluster,
+) -> None:
+    """SIGSTOP: HAProxy takes the process out, but it keeps its stores' locks; after
+    SIGCONT every store is served again (docs/scaling.md, failure table)."""
+    stores = [f"doc-{i:02d}" for i in range(STORES)]
+    victim = 0
+    async with Traffic(cluster, stores) as traffic:
+        await traffic.wait_all_seen_beyond(dict.fromkeys(stores, 3))
+        cluster.sigstop(victim)
+        await cluster.wait_proxy_sees_async(victim, up=False)
+        marks = dict(traffic.sent)
+        await asyncio.sleep(1.0)
+        cluster.sigcont(victim)
+        await cluster.wait_proxy_sees_async(victim, up=True)
+        await traffic.wait_all_seen_beyond(marks, timeout=30)
+        await traffic.stop_writing()
+        await asyncio.sleep(0.5)
+        await check_nothing_lost(cluster, traffic)
