@@ -11,6 +11,7 @@ import re
 import socket
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
@@ -37,17 +38,19 @@ from sds.auth import (
     client_address_middleware,
     trusted_networks,
 )
+from sds.backends import open_storage
+from sds.backends.base import Storage
 from sds.background import Tasks
 from sds.chunks import ChunkBudget
-from sds.config import SETTINGS, Config, check_persist_dir
+from sds.config import SETTINGS, Config
+from sds.connections import CLOSE_GOING_AWAY
 from sds.forwarding import close_session
 from sds.health import StorageHealth, healthz_handler
 from sds.logs import flush_log_summaries, redact_access_log
 from sds.metrics import Metrics, sds_version
-from sds.ownership import WS, Key, Ownership
-from sds.relay import CLOSE_GOING_AWAY, Relay
+from sds.ownership import WS, Key, Ownership, ownership_for, same_lock
+from sds.relay import Relay
 from sds.signalling import Signalling, signal_handler
-from sds.storage import Storage
 from sds.token_api import token_handler
 from sds.ws_handler import ws_handler
 
@@ -126,18 +129,7 @@ async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
     app[MAINTENANCE] = maintenance = ThreadPoolExecutor(
         MAINTENANCE_THREADS, thread_name_prefix="sds-maintenance"
     )
-    storage = None
-    if config.persist_dir is not None:
-        check_persist_dir(config.persist_dir)
-        storage = Storage(
-            config.persist_dir,
-            sync=config.sync,
-            value_mode=config.value_mode,
-            max_open=config.max_open_stores,
-            close_grace=config.store_close_grace,
-            metrics=metrics,
-            tasks=tasks,
-        )
+    storage = await open_storage(config, metrics, tasks=tasks)
     app[STORAGE] = storage
     app[HEALTH] = None if config.persist_dir is None else StorageHealth(config.persist_dir, metrics)
     app[RELAY] = Relay(
@@ -172,19 +164,18 @@ async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
         maintenance.shutdown(wait=False, cancel_futures=True)
 
 
-def _ownership(app: web.Application, storage: Storage | None) -> Ownership | None:
+def _ownership(app: web.Application, storage: Storage[Any] | None) -> Ownership | None:
     """Store ownership among the processes of one lock dir: the persist dir, or --lock-dir."""
     config = app[CONFIG]
-    lock_dir = config.persist_dir if config.persist_dir is not None else config.lock_dir
-    if lock_dir is None:
-        return None
-    ownership = Ownership(
-        lock_dir,
-        storage=storage,
+    ownership = ownership_for(
+        config.persist_dir if config.persist_dir is not None else config.lock_dir,
+        storage,
         metrics=app[METRICS],
         tasks=app[TASKS],
         handover_grace=config.handover_grace,
     )
+    if ownership is None:
+        return None
     relay = app[RELAY]
     state = app[STATE]
     signalling = app[SIGNALLING]
@@ -205,8 +196,14 @@ def _ownership(app: web.Application, storage: Storage | None) -> Ownership | Non
             return store_id in relay.stores
         return store_id in signalling.rooms
 
+    def shares_lock(key: Key) -> bool:
+        kind, store_id = key
+        live = relay.stores if kind == WS else signalling.rooms
+        return any(other != store_id and same_lock(other, store_id) for other in live)
+
     ownership.close_clients = close_clients
     ownership.in_use = in_use
+    ownership.shares_lock = shares_lock
     return ownership
 
 

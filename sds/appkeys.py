@@ -15,11 +15,14 @@ from sds.config import Config
 from sds.metrics import Metrics
 
 if TYPE_CHECKING:
+    from typing import Any
+
+    from sds.backends.base import Storage
+    from sds.connections import Client
     from sds.health import StorageHealth
     from sds.ownership import Ownership
-    from sds.relay import Client, Relay
+    from sds.relay import Relay
     from sds.signalling import Signalling
-    from sds.storage import Storage
 
 
 @dataclass
@@ -38,7 +41,7 @@ METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", ServerState)
 # Annotated rather than passed a class: these modules import this one.
 RELAY: web.AppKey[Relay] = web.AppKey("relay")
-STORAGE: web.AppKey[Storage | None] = web.AppKey("storage")
+STORAGE: web.AppKey[Storage[Any] | None] = web.AppKey("storage")
 SIGNALLING: web.AppKey[Signalling] = web.AppKey("signalling")
 HEALTH: web.AppKey[StorageHealth | None] = web.AppKey("health")
 OWNERSHIP: web.AppKey[Ownership | None] = web.AppKey("ownership")

@@ -6,7 +6,7 @@ Read from the lock files alone, without writing anything: a server holds the flo
 of its directory record (``.sds-server-<instance>.lock``) while it runs, the
 flock of every store it owns (``<store file>.lock``) and of every signalling room
 it owns (``<room>.signal.lock``); each lock file carries the holder's JSON
-record (``sds.storage.LockRecord``). A flock is the truth about whether a file is
+record (``sds.backends.sqlite.LockRecord``). A flock is the truth about whether a file is
 held, so a record whose flock nobody holds (a process that died) counts for nothing.
 """
 
@@ -16,7 +16,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from sds.storage import (
+from sds.backends.sqlite import (
     LOCK_SUFFIX,
     SERVER_RECORD_PREFIX,
     LockRecord,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,9 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 3000
     persist_dir: Path | None = None
+    database_url: str | None = field(default=None, repr=False)
+    database_url_file: Path | None = None
+    database_pool_size: int = 10
     value_mode: str = "blob"
     sync: str = "normal"
     max_frame_bytes: int = 32 * MiB
@@ -94,6 +98,20 @@ class Config:
         for name in _POSITIVE:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be greater than 0")
+        self._validate_database()
+
+    def _validate_database(self) -> None:
+        """One backend at a time; a database URL must be a PostgreSQL URL."""
+        if self.persist_dir is not None and self.database_url is not None:
+            raise ConfigError(
+                "--persist-dir and --database-url exclude each other: choose one storage backend"
+            )
+        if self.database_url is not None:
+            scheme = self.database_url.partition("://")[0].lower()
+            if scheme not in ("postgres", "postgresql"):
+                raise ConfigError(
+                    f"database-url must start with postgresql://, not {redacted_url(self.database_url)!r}"
+                )
 
 
 _CHOICES = {
@@ -118,6 +136,7 @@ _POSITIVE = (
     "max_chunk_bytes_per_store",
     "chunk_timeout",
     "max_open_stores",
+    "database_pool_size",
     "max_request_bytes",
     "heartbeat",
     "shutdown_timeout",
@@ -208,6 +227,28 @@ SETTINGS: tuple[Setting, ...] = (
         Path,
         "Directory of the per-store SQLite files; unset = relay only.",
         "DIR",
+    ),
+    Setting(
+        "database_url",
+        ("SDS_DATABASE_URL",),
+        str,
+        "PostgreSQL URL (postgresql://user:password@host:port/db) to keep the stores in "
+        "instead of a persist dir; prefer the file variant, a URL on the command line is "
+        "visible to every local user.",
+        "URL",
+    ),
+    Setting(
+        "database_url_file",
+        ("SDS_DATABASE_URL_FILE",),
+        Path,
+        "File holding the PostgreSQL URL (with its password); read once at start-up.",
+        "FILE",
+    ),
+    Setting(
+        "database_pool_size",
+        ("SDS_DATABASE_POOL_SIZE",),
+        _parse_int,
+        "Connections to PostgreSQL at most (commits, catch-up reads and value answers share them).",
     ),
     Setting(
         "value_mode",
@@ -482,9 +523,43 @@ def load_config(
             if require_secret or secret_file is not None:
                 raise
             secret = ""
+    if values.get("database_url_file") is not None:
+        if values.get("database_url") is not None:
+            raise ConfigError("give --database-url or --database-url-file, not both")
+        values["database_url"] = read_database_url_file(values["database_url_file"])
     config = Config(jwt_secret=secret, **values)
     config.validate(require_secret=require_secret)
     return config
+
+
+def read_database_url_file(path: Path) -> str:
+    """The database URL held in a file, without surrounding white space."""
+    try:
+        url = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the database URL file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"the database URL file {path} is not UTF-8 text") from None
+    if not url:
+        raise ConfigError(f"the database URL file {path} is empty")
+    return url
+
+
+def redacted_url(url: str) -> str:
+    """A database URL fit for logs and errors: the password (also a ``password=`` query) masked."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparsable database URL>"
+    netloc = parts.netloc
+    userinfo, at, hostinfo = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{hostinfo}"
+    query = "&".join(
+        f"{name}=***" if name.lower() == "password" else f"{name}={value}" if value else name
+        for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 def _from_environ(setting: Setting, environ: Mapping[str, str]) -> tuple[str | None, str]:

@@ -31,9 +31,9 @@ from sds.ownership import (
     Key,
     NotOwner,
     Ownership,
+    StoreLocked,
 )
 from sds.relay import Refused
-from sds.storage import StoreLocked
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,13 @@ class _Reroute(Exception):
     """The owner refused (not the owner any more) or did not answer: look again."""
 
 
-def is_forwarded(request: web.Request, ownership: Ownership) -> bool:
-    """True for a connection another live sds process of the lock dir forwarded here."""
+async def forwarded_by(request: web.Request, ownership: Ownership) -> str | None:
+    """The URL of the live sds process (of the same locks) that forwarded this connection
+    here; None for a direct one."""
     instance = request.headers.get(FORWARDED_HEADER)
-    return instance is not None and ownership.is_live_server(instance)
+    if instance is None:
+        return None
+    return await ownership.server_url(instance)
 
 
 async def serve_here_or_forward(

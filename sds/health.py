@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -22,7 +23,6 @@ from aiohttp import web
 
 from sds.appkeys import CONFIG, HEALTH, METRICS, STATE, STORAGE
 from sds.metrics import Metrics
-from sds.storage import SQLITE_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,9 @@ async def health(app: web.Application) -> tuple[bool, dict[str, object]]:
         problems.append(WRITE_FAILED)
     body: dict[str, object] = {
         "status": "ok" if not problems else "unavailable",
-        "persistence": config.persist_dir is not None,
-        "sqlite_version": SQLITE_VERSION,
+        "persistence": storage is not None,
+        "storage": "postgresql" if config.database_url else "sqlite" if storage else "none",
+        "sqlite_version": sqlite3.sqlite_version,
         "connections": app[METRICS].connections_open,
         "signal_connections": app[METRICS].signal_connections_open,
         "stores": app[METRICS].stores_open,

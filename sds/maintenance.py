@@ -25,12 +25,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sds.storage import (
+from sds.backends.base import StoreBusy
+from sds.backends.sqlite import (
     OWN_BLOB_TABLES,
     SQLITE_VERSION,
     STORE_FILE_MODE,
     LockRecord,
-    StoreBusy,
     StoreLocked,
     connect_sync,
     lock_path,

@@ -15,10 +15,10 @@ from aiohttp import WSMsgType, web
 
 from sds.appkeys import CONFIG, OWNERSHIP, RELAY, SIGNALLING, STATE
 from sds.auth import CloseRefusal, admit, http_error, refuse_with_close
-from sds.forwarding import Forwarded, is_forwarded, serve_here_or_forward
+from sds.connections import Client, accept_client
+from sds.forwarding import Forwarded, forwarded_by, serve_here_or_forward
 from sds.ownership import SIGNAL
 from sds.protocol import encode_server_frame
-from sds.relay import Client, accept_client
 from sds.tokens import Claims
 
 log = logging.getLogger(__name__)
@@ -131,20 +131,20 @@ async def signal_handler(request: web.Request) -> web.StreamResponse:
 
     ownership = request.app.get(OWNERSHIP)
     key = (SIGNAL, store_id)
-    forwarded = False
+    via: str | None = None
     if ownership is not None:
-        forwarded = is_forwarded(request, ownership)
+        via = await forwarded_by(request, ownership)
         placed = await serve_here_or_forward(
-            request, ownership, key, forwarded=forwarded, open_here=_nothing
+            request, ownership, key, forwarded=via is not None, open_here=_nothing
         )
         if isinstance(placed, Forwarded):
             return placed.response
-        ownership.joined(key, forwarded=forwarded)
+        ownership.joined(key, via=via)
     try:
         return await _serve_peer(request, store_id, claims)
     finally:
         if ownership is not None:
-            ownership.left(key, forwarded=forwarded)
+            ownership.left(key, via=via)
             ownership.unclaim(key)
 
 

@@ -23,14 +23,14 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
+from sds.backends.base import BlobChanged, StorageError
+from sds.connections import HISTORY_STALL_SECONDS
 from sds.protocol import CHUNK_BYTES, KEY_BYTES, REQ_VALUE, VALUE, VALUE_CHUNK
-from sds.relay import HISTORY_STALL_SECONDS
-from sds.storage import BlobChanged, StorageError
 
 if TYPE_CHECKING:
+    from sds.backends.base import StoreLog
+    from sds.connections import Client
     from sds.metrics import Metrics
-    from sds.relay import Client
-    from sds.storage import StoreLog
 
 log = logging.getLogger(__name__)
 

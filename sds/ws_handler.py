@@ -14,7 +14,8 @@ from aiohttp import WSMsgType, web
 from sds.appkeys import CONFIG, OWNERSHIP, RELAY, STATE, ServerState
 from sds.auth import CloseRefusal, admit, http_error, refuse_with_close
 from sds.chunks import ChunkAssembler, ChunkRefused
-from sds.forwarding import Forwarded, is_forwarded, serve_here_or_forward
+from sds.connections import CLOSE_TRY_AGAIN_LATER, Client, accept_client
+from sds.forwarding import Forwarded, forwarded_by, serve_here_or_forward
 from sds.ownership import WS
 from sds.protocol import (
     KEY_BYTES,
@@ -26,7 +27,7 @@ from sds.protocol import (
     reject_write_frame,
     scope_can_write,
 )
-from sds.relay import CLOSE_TRY_AGAIN_LATER, Client, LiveStore, Refused, accept_client
+from sds.relay import LiveStore, Refused
 from sds.value_answers import ValueAnswers
 
 log = logging.getLogger(__name__)
@@ -43,23 +44,23 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         return await refuse_with_close(request, refusal)
     ownership = request.app.get(OWNERSHIP)
     key = (WS, store_id)
-    forwarded = False
+    via: str | None = None
     try:
         if ownership is None:
             store = await relay.open_store(store_id)
         else:
-            forwarded = is_forwarded(request, ownership)
+            via = await forwarded_by(request, ownership)
             placed = await serve_here_or_forward(
                 request,
                 ownership,
                 key,
-                forwarded=forwarded,
+                forwarded=via is not None,
                 open_here=lambda: relay.open_store(store_id),
             )
             if isinstance(placed, Forwarded):
                 return placed.response
             store = placed
-            ownership.joined(key, forwarded=forwarded)
+            ownership.joined(key, via=via)
     except Refused as exc:
         relay.metrics.connections_refused[exc.reason] += 1
         raise http_error(503, str(exc)) from None
@@ -105,7 +106,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         if client is not None:
             _forget(client, state)
         if ownership is not None:
-            ownership.left(key, forwarded=forwarded)
+            ownership.left(key, via=via)
             ownership.unclaim(key)
 
 

@@ -1,8 +1,10 @@
-"""Shared fixtures: a real server on a free loopback port, real SQLite files in tmp dirs."""
+"""Shared fixtures: a real server on a free loopback port, real SQLite files in tmp dirs,
+and a real PostgreSQL cluster (one per test process) with a fresh database per test."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from sds.appkeys import STORAGE
 from sds.client import StoreClient
 from sds.config import Config
 from sds.tokens import mint_token
+from tests import pg_cluster as pg
 
 SECRET = "test-secret-0123456789abcdef0123456789abcdef"
 
@@ -113,3 +116,56 @@ async def server(make_server: ServerFactory) -> RunningServer:
 async def persistent_server(make_server: ServerFactory) -> RunningServer:
     """A server that persists into a fresh tmp dir."""
     return await make_server(persist=True)
+
+
+BACKENDS = ("sqlite", "postgresql")
+
+
+def start_pg_cluster() -> pg.PgCluster:
+    """A started cluster; skipped when PostgreSQL is not installed, except in CI (CI=true)."""
+    if not pg.available():
+        message = f"PostgreSQL 15 is not installed ({pg.PG_BIN}); apt-get install postgresql-15"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    cluster = pg.PgCluster()
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.destroy()
+        raise
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[pg.PgCluster]:
+    """One PostgreSQL cluster per test process (each pytest-xdist worker has its own)."""
+    cluster = start_pg_cluster()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def database_url(pg_cluster: pg.PgCluster) -> Iterator[str]:
+    """The URL of a fresh, empty database (dropped when the next test asks for one)."""
+    name = pg_cluster.create_database()
+    yield pg_cluster.url(name)
+    # Not dropped here: servers of the test may still hold connections until their
+    # own fixture's teardown, which runs after this one.
+    pg_cluster.finished.append(name)
+
+
+@pytest.fixture(params=BACKENDS)
+def storage_options(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    """Config values of a persistent server on each backend (tests that check through clients)."""
+    if request.param == "sqlite":
+        return {"persist_dir": tmp_path / "stores", "store_close_grace": 0.2}
+    return {"database_url": request.getfixturevalue("database_url"), "store_close_grace": 0.2}
+
+
+@pytest.fixture
+async def stored_server(
+    make_server: ServerFactory, storage_options: dict[str, Any]
+) -> RunningServer:
+    """A persistent server, once on SQLite files and once on PostgreSQL."""
+    return await make_server(**storage_options)

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sds.storage import connect_sync
+from sds.backends.sqlite import connect_sync
 
 
 def write_store(

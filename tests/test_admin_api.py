@@ -14,9 +14,9 @@ import pytest
 
 from sds.admin_api import MAINTENANCE_THREADS
 from sds.appkeys import MAINTENANCE
+from sds.backends.sqlite import try_lock
 from sds.client import StoreClient
 from sds.maintenance import distinct_in_order
-from sds.storage import try_lock
 from tests.conftest import SECRET, RunningServer, ServerFactory
 from tests.helpers import (
     TEST_SECRET,

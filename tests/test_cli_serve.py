@@ -14,8 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from sds.backends.sqlite import LockRecord, lock_holder
 from sds.client import StoreClient
-from sds.storage import LockRecord
 from sds.tokens import verify_token
 from tests.helpers import (
     TEST_SECRET,
@@ -291,4 +291,7 @@ async def test_server_on_port_0_records_its_real_url_in_the_lock_files_it_takes(
             assert store_lock == holder
         server.stop()
     assert not list(stores.glob(".sds-server-*"))
-    assert (stores / "notes.db.lock").read_text() == ""
+    # Nobody holds it; what stays says the stopped server handed it over.
+    assert lock_holder(stores / "notes.db") is None
+    left = LockRecord.from_json((stores / "notes.db.lock").read_text())
+    assert left is not None and left.command == "handover"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from sds.backends.sqlite import try_lock
 from sds.cli import cli
-from sds.storage import try_lock
 from tests.conftest import ServerFactory
 from tests.helpers import clean_env, one_error_line, run_sds
 from tests.store_files import db_digests, write_store

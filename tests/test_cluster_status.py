@@ -138,3 +138,12 @@ async def test_cluster_status_with_both_a_persist_dir_and_a_lock_dir_is_a_usage_
     result = await run_status(tmp_path, "--lock-dir", str(tmp_path / "locks"))
     assert result.returncode == 2
     assert one_error_line(result).startswith("sds: lock-dir is for relay-only processes")
+
+
+async def test_cluster_status_with_only_a_database_url_says_it_is_not_supported() -> None:
+    env = clean_env(SDS_DATABASE_URL="postgresql://sds:pw-not-shown@127.0.0.1:1/sds")
+    result = await run_sds_async("cluster", "status", env=env)
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert "not supported with --database-url" in line
+    assert "pw-not-shown" not in result.stderr + result.stdout

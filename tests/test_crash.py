@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import signal
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -16,8 +17,19 @@ from tests.helpers import spawn_server
 pytestmark = pytest.mark.slow
 
 
-async def test_sigkill_mid_stream_loses_nothing_a_peer_saw(tmp_path: Path) -> None:
-    args = ["--persist-dir", str(tmp_path / "stores")]
+def serve_args(storage_options: dict[str, Any], tmp_path: Path) -> list[str]:
+    """`sds serve` options for a backend; the database URL goes through a file, as in production."""
+    if "database_url" in storage_options:
+        url_file = tmp_path / "database-url"
+        url_file.write_text(storage_options["database_url"] + "\n")
+        return ["--database-url-file", str(url_file)]
+    return ["--persist-dir", str(storage_options["persist_dir"])]
+
+
+async def test_sigkill_mid_stream_loses_nothing_a_peer_saw(
+    tmp_path: Path, storage_options: dict[str, Any]
+) -> None:
+    args = serve_args(storage_options, tmp_path)
     with spawn_server(args, cwd=tmp_path, wait=False) as server:
         await server.wait_ready_async()
         url = server.ws_url
@@ -61,5 +73,8 @@ async def test_sigkill_mid_stream_loses_nothing_a_peer_saw(tmp_path: Path) -> No
         async with StoreClient(url, "crash", token) as joiner:
             replayed = await joiner.receive_all(1.0)
         assert server.stop() == 0
+    if "database_url" in storage_options:
+        password = storage_options["database_url"].split("@")[0].rsplit(":", 1)[1]
+        assert password not in server.stdout + server.stderr
     assert replayed[: len(seen)] == seen
     assert replayed == [b"\x01" + n.to_bytes(4, "big") + b"k" * 32 for n in range(len(replayed))]

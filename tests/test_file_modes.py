@@ -19,9 +19,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from sds.backends.sqlite import connect_sync, store_filename
 from sds.backup import BackupError, create_backup, restore_archive
 from sds.maintenance import MaintenanceError, compact_safely
-from sds.storage import connect_sync, store_filename
 from tests.conftest import ServerFactory
 from tests.helpers import clean_env, run_sds
 from tests.store_files import all_rows, write_store
@@ -94,7 +94,7 @@ async def test_the_server_creates_store_files_0600(
 async def test_a_store_file_the_server_cannot_open_is_logged_at_error(
     make_server: ServerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="sds.storage")
+    caplog.set_level(logging.ERROR, logger="sds.backends.sqlite")
     server = await make_server(persist=True)
     directory = server.config.persist_dir
     assert directory is not None

@@ -18,9 +18,9 @@ import jwt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sds.backends.sqlite import store_filename
 from sds.client import StoreClient
 from sds.protocol import KEY_BYTES, SCOPES, parse_chunk
-from sds.storage import store_filename
 from sds.tokens import parse_duration
 from tests.conftest import SECRET, RunningServer
 from tests.store_files import read_rows

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sds.backends.sqlite import SCHEMA, SQLITE_VERSION, store_filename
 from sds.maintenance import (
     MaintenanceError,
     compact_connection,
@@ -19,7 +20,6 @@ from sds.maintenance import (
     joiner_frames,
     resolve_store,
 )
-from sds.storage import SCHEMA, SQLITE_VERSION, store_filename
 from tests.store_files import write_store
 
 

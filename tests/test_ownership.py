@@ -20,8 +20,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from sds.backends.sqlite import LockRecord, lock_holder
 from sds.client import ClientClosed, StoreClient
-from sds.storage import LockRecord, lock_holder
 from tests.helpers import ServerProcess, http_get, spawn_server
 
 pytestmark = pytest.mark.slow
@@ -299,7 +299,7 @@ async def test_sigterm_hands_stores_over_with_one_reconnect(tmp_path: Path) -> N
 
 
 async def test_owner_without_a_url_gives_503_never_a_second_copy(tmp_path: Path) -> None:
-    from sds.storage import file_lock
+    from sds.backends.sqlite import file_lock
 
     stores = tmp_path / "stores"
     stores.mkdir()
@@ -311,3 +311,93 @@ async def test_owner_without_a_url_gives_503_never_a_second_copy(tmp_path: Path)
         url = f"{server.http_url}/ws/held?token={server.token('held')}"
         status, _body = await asyncio.to_thread(http_get, url, 15)
         assert status == 503
+
+
+async def test_store_goes_back_to_a_killed_owner_when_it_returns(tmp_path: Path) -> None:
+    stores = tmp_path / "stores"
+    with cluster(tmp_path, ["--persist-dir", str(stores)], count=2) as servers:
+        home, interim = servers
+        first = StoreClient(home.ws_url, "fb", home.token("fb", sub="a"))
+        await first.connect()
+        await first.send(frame(0, 0))
+        await asyncio.sleep(0.2)
+        home.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(home.wait, 10)
+        await first.close()
+        # While the home process is down the proxy sends the store's clients elsewhere.
+        stayed = StoreClient(interim.ws_url, "fb", interim.token("fb", sub="a"))
+        await stayed.connect()
+        assert await stayed.receive(timeout=10) == frame(0, 0)
+        home.restart()
+        await home.wait_ready_async()
+        # The proxy routes the store home again: a new client arrives there and is
+        # forwarded; the interim owner hands the store back, its old client included.
+        returning = StoreClient(home.ws_url, "fb", home.token("fb", sub="b"))
+        await returning.connect()
+        assert await returning.receive(timeout=10) == frame(0, 0)
+        assert await stayed.wait_closed(timeout=15) == 1012
+        assert await returning.wait_closed(timeout=15) == 1012
+        await stayed.close()
+        await returning.close()
+        await eventually(interim, "sds_ownership_changes_total", '{reason="handed_over"}', 1)
+        back = [StoreClient(home.ws_url, "fb", home.token("fb", sub=sub)) for sub in ("a", "b")]
+        for client in back:
+            await client.connect()
+        try:
+            holder = lock_holder(stores / "fb.db")
+            assert holder is not None and holder.pid == home.pid
+            await back[0].send(frame(1, 0))
+            assert await back[1].receive(timeout=10) == frame(0, 0)
+            assert await back[1].receive(timeout=10) == frame(1, 0)
+            assert metric(home, "sds_forwarded_connections") == 0
+        finally:
+            await close_all(back)
+        # Settled: nothing moves any more.
+        await asyncio.sleep(1.0)
+        assert metric(interim, "sds_ownership_changes_total", '{reason="handed_over"}') == 1
+
+
+async def test_store_goes_back_to_a_restarted_process_after_sigterm(tmp_path: Path) -> None:
+    stores = tmp_path / "stores"
+    with cluster(tmp_path, ["--persist-dir", str(stores)], count=2) as servers:
+        home, interim = servers
+        async with StoreClient(home.ws_url, "rr", home.token("rr")) as client:
+            await client.send(frame(0, 0))
+            await asyncio.sleep(0.2)
+            home.send_signal(signal.SIGTERM)
+            assert await client.wait_closed(timeout=15) == 1001
+        assert home.wait(15) == 0
+        stayed = StoreClient(interim.ws_url, "rr", interim.token("rr"))
+        await stayed.connect()
+        assert await stayed.receive(timeout=10) == frame(0, 0)
+        home.restart()
+        await home.wait_ready_async()
+        returning = StoreClient(home.ws_url, "rr", home.token("rr"))
+        await returning.connect()
+        assert await returning.receive(timeout=10) == frame(0, 0)
+        assert await stayed.wait_closed(timeout=15) == 1012
+        await stayed.close()
+        await returning.close()
+        async with StoreClient(home.ws_url, "rr", home.token("rr")) as again:
+            assert await again.receive(timeout=10) == frame(0, 0)
+            holder = lock_holder(stores / "rr.db")
+            assert holder is not None and holder.pid == home.pid
+
+
+async def test_store_sharing_a_file_with_a_live_store_is_not_handed_over(tmp_path: Path) -> None:
+    stores = tmp_path / "stores"
+    with cluster(tmp_path, ["--persist-dir", str(stores)], count=2) as (first, second):
+        # "x/y" and "x_y" are kept in one file, x_y.db: one lock for both.
+        async with (
+            StoreClient(first.ws_url, "x/y", first.token("x/y")) as keeper,
+            StoreClient(second.ws_url, "x_y", second.token("x_y", sub="f")) as forwarded,
+            StoreClient(first.ws_url, "x_y", first.token("x_y", sub="d")) as direct,
+        ):
+            await direct.close()
+            # Only forwarded clients of x_y now, but handing it over would close x/y too.
+            await asyncio.sleep(1.5)
+            async with StoreClient(first.ws_url, "x_y", first.token("x_y", sub="n")) as new:
+                await new.send(frame(0, 0))
+                assert await forwarded.receive(timeout=10) == frame(0, 0)
+            await keeper.send(frame(1, 0))
+            assert metric(first, "sds_ownership_changes_total", '{reason="handed_over"}') == 0

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from sds.backends.base import StoreBusy
+from sds.backends.sqlite import store_filename, try_lock
 from sds.client import StoreClient
-from sds.storage import StoreBusy, store_filename, try_lock
 from tests.conftest import RunningServer, ServerFactory
 
 
@@ -140,6 +141,16 @@ async def test_interleaved_writers_keep_each_senders_order_behind_their_commits(
     assert [f for f in received if f[0] == 1] == stored
 
 
+async def test_identical_patches_are_all_relayed_and_replayed(stored_server: RunningServer) -> None:
+    writer = await stored_server.connect("same")
+    reader = await stored_server.connect("same")
+    for _ in range(3):
+        await writer.send(b"\x01identical")
+    assert len(await reader.receive_all(0.4)) == 3
+    joiner = await stored_server.connect("same", scope="read")
+    assert await joiner.receive_all(0.4) == [b"\x01identical"] * 3
+
+
 async def test_identical_patches_are_all_stored(persistent_server: RunningServer) -> None:
     writer = await persistent_server.connect("same")
     reader = await persistent_server.connect("same")
@@ -149,20 +160,20 @@ async def test_identical_patches_are_all_stored(persistent_server: RunningServer
     assert len(stored_patches(db_of(persistent_server, "same"), "same")) == 3
 
 
-async def test_late_joiner_catches_up_with_nobody_online(persistent_server: RunningServer) -> None:
-    async with persistent_server.client("offline") as writer:
+async def test_late_joiner_catches_up_with_nobody_online(stored_server: RunningServer) -> None:
+    async with stored_server.client("offline") as writer:
         for n in range(20):
             await writer.send(patch(n))
         await writer.send(b"\x04presence is not stored")
         await asyncio.sleep(0.3)
-    joiner = await persistent_server.connect("offline", scope="read")
+    joiner = await stored_server.connect("offline", scope="read")
     assert await joiner.receive_all(0.5) == [patch(n) for n in range(20)]
 
 
 async def test_joiner_during_a_stream_gets_every_patch_exactly_once_in_order(
-    persistent_server: RunningServer,
+    stored_server: RunningServer,
 ) -> None:
-    writer = await persistent_server.connect("stream")
+    writer = await stored_server.connect("stream")
     total = 3000
     joiners: list[StoreClient] = []
 
@@ -175,7 +186,7 @@ async def test_joiner_during_a_stream_gets_every_patch_exactly_once_in_order(
     async def join_while_writing() -> None:
         for _ in range(4):
             await asyncio.sleep(0.05)
-            joiners.append(await persistent_server.connect("stream", scope="read"))
+            joiners.append(await stored_server.connect("stream", scope="read"))
 
     await asyncio.gather(write(), join_while_writing())
     expected = [patch(n) for n in range(total)]
@@ -194,14 +205,14 @@ async def _receive_count(client: StoreClient, count: int, timeout: float = 20.0)
 
 
 async def test_many_clients_joining_at_once_share_one_store(
-    persistent_server: RunningServer,
+    stored_server: RunningServer,
 ) -> None:
-    async with persistent_server.client("restart") as writer:
+    async with stored_server.client("restart") as writer:
         for n in range(10):
             await writer.send(patch(n))
         await asyncio.sleep(0.2)
     clients = await asyncio.gather(
-        *(persistent_server.connect("restart", sub=f"c{i}") for i in range(30))
+        *(stored_server.connect("restart", sub=f"c{i}") for i in range(30))
     )
     history = [patch(n) for n in range(10)]
     for client in clients:
@@ -209,7 +220,7 @@ async def test_many_clients_joining_at_once_share_one_store(
     await clients[0].send(patch(99))
     for client in clients[1:]:
         assert await client.receive() == patch(99)
-    assert len(persistent_server.app[_relay_key()].stores) == 1
+    assert len(stored_server.app[_relay_key()].stores) == 1
 
 
 def _relay_key():  # type: ignore[no-untyped-def]

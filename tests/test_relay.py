@@ -8,8 +8,8 @@ import time
 import aiohttp
 import pytest
 
+from sds.backends.base import Commit
 from sds.relay import LiveStore
-from sds.storage import Commit
 from tests.conftest import RunningServer, ServerFactory
 from tests.helpers import upgrade_request
 

@@ -27,7 +27,7 @@ NEW_PATCHES = 1000
 CRASHED_WRITER = """
 import os, sys
 from pathlib import Path
-from sds.storage import connect_sync
+from sds.backends.sqlite import connect_sync
 conn = connect_sync(Path(sys.argv[1]))
 conn.execute("PRAGMA wal_autocheckpoint=0")
 first = int(sys.argv[2])

@@ -10,8 +10,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from sds.backends.sqlite import store_filename
 from sds.client import ClientClosed, StoreClient, store_url
-from sds.storage import store_filename
 from tests.helpers import ServerProcess, spawn_server
 from tests.raw_ws import RawWebSocket
 from tests.store_files import read_rows

@@ -13,8 +13,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from sds.backends.sqlite import store_filename
 from sds.client import ClientClosed
-from sds.storage import store_filename
 from tests.conftest import ServerFactory
 
 
@@ -39,7 +39,7 @@ def small_filesystem(path: Path, size: str = "256k") -> Iterator[Path]:
 async def test_full_disk_closes_sender_with_1011_and_relays_nothing_unstored(
     make_server: ServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="sds.storage")
+    caplog.set_level(logging.ERROR, logger="sds.backends.sqlite")
     with small_filesystem(tmp_path / "tiny") as stores:
         server = await make_server(persist_dir=stores)
         writer = await server.connect("full", sub="writer")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sds.storage import connect_sync, store_filename
+from sds.backends.sqlite import connect_sync, store_filename
 from tests.conftest import ServerFactory
 from tests.helpers import clean_env, one_error_line, run_sds, run_sds_async
 from tests.store_files import db_digests, write_store

@@ -9,8 +9,8 @@ import time
 import aiohttp
 
 from sds.appkeys import METRICS
+from sds.backends.sqlite import store_filename
 from sds.protocol import CHUNK_BYTES, value_chunk_frames
-from sds.storage import store_filename
 from tests.conftest import RunningServer, ServerFactory
 from tests.raw_ws import RawWebSocket
 from tests.store_files import read_rows

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 
+from sds.backends.sqlite import store_filename
 from sds.backup import row_counts
 from sds.maintenance import connect_readonly, inspect_file
 from sds.protocol import value_chunk_frames
-from sds.storage import store_filename
 from tests.conftest import RunningServer, ServerFactory
 from tests.store_files import read_rows, write_store
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from sds.appkeys import METRICS, STATE
+from sds.backends.sqlite import store_filename
 from sds.protocol import CHUNK_BYTES, value_chunk_frames
-from sds.storage import store_filename
 from tests.conftest import RunningServer, ServerFactory
 
 
@@ -48,9 +48,9 @@ async def test_value_is_stored_as_blob_and_served_to_the_requester_alone(
     assert await other.receive_all(0.3) == []
 
 
-async def test_request_for_unknown_value_is_only_relayed(persistent_server: RunningServer) -> None:
-    requester = await persistent_server.connect("vals2", scope="read")
-    other = await persistent_server.connect("vals2")
+async def test_request_for_unknown_value_is_only_relayed(stored_server: RunningServer) -> None:
+    requester = await stored_server.connect("vals2", scope="read")
+    other = await stored_server.connect("vals2")
     await requester.send(b"\x03" + key(9))
     assert await other.receive() == b"\x03" + key(9)
     assert await requester.receive_all(0.3) == []
@@ -77,13 +77,13 @@ async def test_large_value_round_trips_through_chunks(persistent_server: Running
 
 
 async def test_value_of_exactly_one_mib_is_answered_as_one_value_frame(
-    persistent_server: RunningServer,
+    stored_server: RunningServer,
 ) -> None:
     value = b"v" * CHUNK_BYTES
-    writer = await persistent_server.connect("mib")
+    writer = await stored_server.connect("mib")
     await writer.send(b"\x02" + key(3) + value)
     await asyncio.sleep(0.3)
-    requester = await persistent_server.connect("mib", scope="read")
+    requester = await stored_server.connect("mib", scope="read")
     await requester.send(b"\x03" + key(3))
     assert await requester.receive() == b"\x02" + key(3) + value
 
@@ -232,13 +232,13 @@ async def test_stale_chunk_sequences_expire(make_server: ServerFactory) -> None:
     assert blobs(server, "stale") == {}
 
 
-async def test_blob_mode_never_prunes_history_on_value(persistent_server: RunningServer) -> None:
-    async with persistent_server.client("blobmode") as writer:
+async def test_blob_mode_never_prunes_history_on_value(stored_server: RunningServer) -> None:
+    async with stored_server.client("blobmode") as writer:
         await writer.send(b"\x01before")
         await writer.send(b"\x02" + key(1) + b"entry value")
         await writer.send(b"\x01after")
         await asyncio.sleep(0.3)
-    joiner = await persistent_server.connect("blobmode")
+    joiner = await stored_server.connect("blobmode")
     assert await joiner.receive_all(0.4) == [b"\x01before", b"\x01after"]
 
 

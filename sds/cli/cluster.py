@@ -36,6 +36,11 @@ def cluster_status_command(as_json: bool, **options: Any) -> None:
 
     config = config_from(options, require_secret=False)
     directory = config.lock_dir if config.persist_dir is None else config.persist_dir
+    if directory is None and config.database_url is not None:
+        raise ConfigFailure(
+            "cluster status is not supported with --database-url yet: it reads ownership "
+            "from lock files; give the --lock-dir the servers share, if they use one"
+        )
     if directory is None:
         raise ConfigFailure(
             "no persist dir or lock dir: set --persist-dir (SDS_PERSIST_DIR) "

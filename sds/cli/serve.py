@@ -40,6 +40,7 @@ def serve(dev: bool, **options: Any) -> None:
     Examples:
       sds serve --dev
       SDS_JWT_SECRET_FILE=/etc/sds/secret sds serve --persist-dir /var/lib/sds
+      SDS_DATABASE_URL_FILE=/etc/sds/database-url sds serve
       sds serve --port 8080 --max-connections 5000 --log-format json
     """
     config = _dev_config(options) if dev else config_from(options)
@@ -57,8 +58,14 @@ def serve(dev: bool, **options: Any) -> None:
     # The banner (with its tokens) is printed once the port is bound: a busy port
     # gives one line and exit 2, not tokens for a server that never ran.
     on_bound = (lambda url: _print_dev_banner(config, url)) if dev else None
+    from sds.backends.base import StorageError
+
     try:
         run(config, on_bound=on_bound)
+    except StorageError as exc:
+        # The database is unreachable or refuses at start-up (the message names
+        # host, port and database, never the password).
+        raise ConfigFailure(str(exc)) from None
     except OSError as exc:
         # Binding fails before anything is served (port taken, unknown host): a
         # configuration problem for the operator, not a crash with a traceback.
@@ -74,8 +81,17 @@ def _dev_config(options: dict[str, Any]) -> Config:
     if host not in LOOPBACK_HOSTS:
         raise ConfigFailure(f"--dev binds loopback only, not {host}")
     options = {**options, "host": host}
-    if not options.get("persist_dir") and not (
-        os.environ.get("SDS_PERSIST_DIR") or os.environ.get("SDS_PERSISTENCE_DIR")
+    database = any(
+        options.get(name) or os.environ.get(env)
+        for name, env in (
+            ("database_url", "SDS_DATABASE_URL"),
+            ("database_url_file", "SDS_DATABASE_URL_FILE"),
+        )
+    )
+    if not database and not (
+        options.get("persist_dir")
+        or os.environ.get("SDS_PERSIST_DIR")
+        or os.environ.get("SDS_PERSISTENCE_DIR")
     ):
         options["persist_dir"] = str(DEV_DATA_DIR)
     explicit = options.get("jwt_secret_file") or os.environ.get("SDS_JWT_SECRET_FILE")
@@ -120,7 +136,9 @@ def _print_dev_banner(config: Config, url: str) -> None:
         "\n".join(
             [
                 f"sds dev server on {url} (loopback only)",
-                f"  store files:  {config.persist_dir}/  (persistence on)",
+                f"  store files:  {config.persist_dir}/  (persistence on)"
+                if config.persist_dir is not None
+                else "  stores:       in PostgreSQL (persistence on)",
                 f"  secret file:  {DEV_SECRET_FILE}  (reused on restart)",
                 f"  demo store:   {DEV_STORE}",
                 f"  admin token:  {admin}",

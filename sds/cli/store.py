@@ -88,7 +88,7 @@ def store_list(as_json: bool, **options: Any) -> None:
         if report.get("error") or report.get("integrity") != "ok":
             problems.append(path.name)
         reports.append(report)
-    from sds.storage import SQLITE_VERSION
+    from sds.backends.sqlite import SQLITE_VERSION
 
     if as_json:
         payload = {"persist_dir": str(directory), "sqlite_version": SQLITE_VERSION}

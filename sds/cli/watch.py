@@ -170,8 +170,8 @@ def watch_command(
       SDS_TOKEN=... sds watch notes --url https://sds.example.com --json | jq .type
       sds watch notes --until-idle 2 --json > frames.jsonl
     """
+    from sds.backends.sqlite import store_filename
     from sds.cli.options import config_from
-    from sds.storage import store_filename
 
     config = config_from(options, require_secret=False)
     if (

@@ -43,6 +43,21 @@ from typing import Any
 
 import aiosqlite
 
+from sds.backends import base
+from sds.backends.base import (
+    GATHER_TURNS,
+    PATCH_PREFIX,
+    VALUE_PREFIX,
+    BlobChanged,
+    Commit,
+    CompactionFailed,
+    PatchRun,
+    StorageError,
+    StoreBusy,
+    UnknownStore,
+    Write,
+    patch_payload,
+)
 from sds.background import Tasks
 from sds.metrics import Metrics
 
@@ -90,15 +105,8 @@ row there is the store's or has no owner. ``length()`` of a BLOB does not read i
 SQLITE_VERSION = sqlite3.sqlite_version
 HISTORY_PAGE_ROWS = 128
 """Rows in one catch-up page at most; the page is also bounded in bytes by the caller."""
-VIEW_BINDING_BYTES = 4096
-"""Patch payloads of this size or more are bound as a view of the received frame (held
-once); smaller ones are copied into a bytearray, which sqlite3 binds faster than a view."""
-PATCH_PREFIX = b"\x01"
-VALUE_PREFIX = b"\x02"
 MAX_ROWS_PER_INSERT = 10_000
 """Rows in one INSERT: one variable each (and two shared), under SQLite's limit of 32766."""
-GATHER_TURNS = 4
-"""Event-loop turns a group commit may wait, while writes keep arriving, before it starts."""
 STATEMENT_CACHE = 512
 """Prepared INSERTs kept per connection (one per batch size seen)."""
 OPEN_THREADS = 8
@@ -110,6 +118,8 @@ MAX_LOCKED_WARNINGS = 4096
 SERVER_RECORD_PREFIX = ".sds-server-"
 """Directory record of a running server: ``<persist dir>/.sds-server-<instance>.lock``."""
 STALE_SERVER_RECORD_SECONDS = 10.0
+HANDOVER_COMMAND = "handover"
+"""The ``command`` of a lock record whose holder is letting the store go: wait, do not forward."""
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -133,14 +143,6 @@ def _insert_statement(rows: int) -> str:
     """
     values = ", ".join(f"(?1, ?2 + {row}, ?{row + 3})" for row in range(rows))
     return "INSERT INTO patches (store_id, clock, data) VALUES " + values
-
-
-class StorageError(Exception):
-    """A store file could not be opened or written."""
-
-
-class StoreBusy(StorageError):
-    """Another process holds the store file's lock, or too many files are open."""
 
 
 class StoreLocked(StoreBusy):
@@ -212,12 +214,21 @@ def file_lock(db_path: Path, *, timeout: float, record: LockRecord | None = None
         unlock(fd)
 
 
-def try_lock(db_path: Path, *, timeout: float, record: LockRecord | None = None) -> int:
+def try_lock(
+    db_path: Path,
+    *,
+    timeout: float,
+    record: LockRecord | None = None,
+    previous: list[LockRecord | None] | None = None,
+) -> int:
     """Take the one-writer lock of a store file; the returned fd holds it until closed.
 
     Once the flock is held, ``record`` (default: this process without a URL)
-    replaces the lock file's content. StoreLocked, with the holder's record, when
-    another process keeps the lock past ``timeout`` seconds.
+    replaces the lock file's content; the record found there before (a killed
+    holder's, or a stopped server's handover record) is appended to ``previous``.
+    StoreLocked, with the holder's record, when another process keeps the lock
+    past ``timeout`` seconds, or at once when the holder is another live server
+    (its clients are forwarded there, see sds.forwarding).
     """
     fd = os.open(lock_path(db_path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     deadline = time.monotonic() + timeout
@@ -230,7 +241,12 @@ def try_lock(db_path: Path, *, timeout: float, record: LockRecord | None = None)
                 os.close(fd)
                 raise
         holder = _read_record(fd) if record is not None and record.url else None
-        if holder is not None and holder.url and holder.instance != (record and record.instance):
+        if (
+            holder is not None
+            and holder.url
+            and holder.command != HANDOVER_COMMAND
+            and holder.instance != (record and record.instance)
+        ):
             # Another live server owns it: its clients are forwarded there, no wait.
             os.close(fd)
             raise StoreLocked(f"{db_path.name} is locked by another process", holder)
@@ -240,6 +256,8 @@ def try_lock(db_path: Path, *, timeout: float, record: LockRecord | None = None)
             # The holder's pid and URL go to the log, not into messages clients may see.
             raise StoreLocked(f"{db_path.name} is locked by another process", holder)
         time.sleep(0.05)
+    if previous is not None:
+        previous.append(_read_record(fd))
     try:
         data = (record or process_record()).to_json().encode() + b"\n"
         os.ftruncate(fd, 0)
@@ -259,9 +277,15 @@ def rewrite_record(fd: int, record: LockRecord) -> None:
 
 
 def unlock(fd: int) -> None:
-    """Release a lock taken by try_lock; its record is cleared so nobody reads it as current."""
-    with contextlib.suppress(OSError):
-        os.ftruncate(fd, 0)
+    """Release a lock taken by try_lock; its record is cleared so nobody reads it as current.
+
+    A handover record stays: it tells the next holder which server had the store
+    before (sds.ownership moves the store back when that server returns).
+    """
+    record = _read_record(fd)
+    if record is None or record.command != HANDOVER_COMMAND:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
     os.close(fd)
 
 
@@ -340,63 +364,6 @@ def connect_sync(path: Path, *, sync: str = "normal", readonly: bool = False) ->
     return conn
 
 
-class Write:
-    """A write other than a patch (a blob, or a snapshot in ``--value-mode snapshot``)."""
-
-    __slots__ = ("data", "key", "kind", "store_id")
-
-    def __init__(self, store_id: str, kind: str, data: bytes, key: str = "") -> None:
-        self.store_id = store_id
-        self.kind = kind
-        self.data = data
-        self.key = key
-
-
-class PatchRun:
-    """Patches of one store that follow each other in a commit: one multi-row INSERT."""
-
-    __slots__ = ("payloads", "store_id")
-
-    def __init__(self, store_id: str) -> None:
-        self.store_id = store_id
-        self.payloads: list[bytearray | memoryview] = []
-
-
-class Commit:
-    """One group commit of a store file: every write that arrived while the previous one ran.
-
-    The relay holds the frames of a commit back until ``done`` resolves (never
-    with an exception); ``ok`` then says how it went, and ``clocks`` holds the
-    last clock each store got in it.
-    """
-
-    __slots__ = ("_run", "clocks", "done", "ok", "ops", "size")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.done: asyncio.Future[None] = loop.create_future()
-        self.ok: bool | None = None
-        self.clocks: dict[str, int] = {}
-        self.ops: list[PatchRun | Write] = []
-        self.size = 0
-        self._run: PatchRun | None = None
-
-    def add_patch(self, store_id: str, payload: bytearray | memoryview) -> None:
-        run = self._run
-        if run is None or run.store_id != store_id:
-            run = self._run = PatchRun(store_id)
-            self.ops.append(run)
-        run.payloads.append(payload)
-        self.size += 1
-
-    def add(self, write: Write) -> None:
-        self.ops.append(write)
-        self._run = None
-        self.size += 1
-
-    def store_ids(self) -> set[str]:
-        return {op.store_id for op in self.ops}
-
-
 class StoreFile:
     """One open SQLite file; its writes are committed in groups, in the order submitted."""
 
@@ -415,6 +382,9 @@ class StoreFile:
         self._committer: asyncio.Task[None] | None = None
         self._io = asyncio.Lock()
         self._blob_readers: set[BlobReader] = set()
+        self.previous_holder: LockRecord | None = None
+        """The record left in the lock file when this server took it (a killed or stopped
+        holder's), None when it was clear."""
 
     async def open(
         self,
@@ -426,12 +396,15 @@ class StoreFile:
         """Take the file's lock (in ``executor``: the wait blocks) and open it."""
         loop = asyncio.get_running_loop()
         try:
+            previous: list[LockRecord | None] = []
             self._lock_fd = await loop.run_in_executor(
-                executor, lambda: try_lock(self.path, timeout=lock_timeout, record=record)
+                executor,
+                lambda: try_lock(self.path, timeout=lock_timeout, record=record, previous=previous),
             )
         except OSError as exc:
             log.error("cannot lock store file %s: %s", self.path.name, exc.strerror)
             raise StorageError(f"cannot lock {self.path.name}: {exc.strerror}") from None
+        self.previous_holder = previous[0] if previous else None
         try:
             await loop.run_in_executor(executor, create_private, self.path)
             self._db = await aiosqlite.connect(
@@ -753,10 +726,6 @@ class StoreFile:
             yield self.path
 
 
-class BlobChanged(StorageError):
-    """A value was overwritten (or its file compacted) while it was read in pieces."""
-
-
 class BlobReader:
     """Where one stored value is, for reading it in pieces (see ``StoreFile.open_blob``)."""
 
@@ -801,17 +770,7 @@ class StoreLog:
 
     def append_patch(self, frame: bytes) -> Commit:
         """Store a PATCH frame's payload (the frame without its type byte)."""
-        payload: bytearray | memoryview
-        if len(frame) > VIEW_BINDING_BYTES:
-            # Held once: the commit binds a view of the frame the relay holds anyway.
-            payload = memoryview(frame)[1:]
-        else:
-            # sqlite3 binds a bytearray as a BLOB directly; bytes or a memoryview first
-            # go through the adapter lookup (Python 3.11 raises and clears an
-            # AttributeError per row), which costs more than copying a small payload.
-            payload = bytearray(frame)
-            del payload[0]
-        return self.file.append_patch(self.store_id, payload)
+        return self.file.append_patch(self.store_id, patch_payload(frame))
 
     def put_value(self, key: str, value: bytes, payload: bytes) -> Commit:
         """Store a VALUE: as a blob, or (snapshot mode) as the store snapshot."""
@@ -826,8 +785,14 @@ class StoreLog:
         """This store's value for ``key``, to read in pieces (see ``StoreFile.open_blob``)."""
         return self.file.open_blob(self.store_id, key)
 
-    async def read_blob_piece(self, reader: BlobReader, offset: int, size: int) -> bytes:
+    async def read_blob_piece(self, reader: base.BlobReader, offset: int, size: int) -> bytes:
+        if not isinstance(reader, BlobReader):
+            raise TypeError("a value opened by another backend")
         return await self.file.read_blob_piece(reader, offset, size)
+
+    def paused(self) -> contextlib.AbstractAsyncContextManager[Path]:
+        """Let maintenance own the store's file (see ``StoreFile.paused``)."""
+        return self.file.paused()
 
     async def last_clock(self) -> int:
         """The highest committed clock of this store (its snapshot's when patches were pruned)."""
@@ -903,6 +868,40 @@ class Storage:
     def path_of(self, store_id: str) -> Path:
         return self.directory / store_filename(store_id)
 
+    async def compact(
+        self, store_id: str, *, value_mode: str, executor: Executor
+    ) -> dict[str, Any]:
+        """Compact a store's file while serving: the file's commits and reads wait meanwhile.
+
+        The work (``sds.maintenance.compact_file``) runs in ``executor`` on a
+        connection of its own. The report names this server (persist dir and
+        instance), so that ``sds store compact`` can check it asked the lock's holder.
+        """
+        from sds.maintenance import MaintenanceError, compact_file  # it imports this module
+
+        if not self.path_of(store_id).is_file():
+            raise UnknownStore(f"no store file for {store_id!r}")
+        store_log = await self.acquire(store_id)
+        try:
+            async with store_log.file.paused() as path:
+                result = await asyncio.get_running_loop().run_in_executor(
+                    executor,
+                    functools.partial(compact_file, path, store_id=store_id, value_mode=value_mode),
+                )
+        except MaintenanceError as exc:
+            if str(exc).startswith("unknown store"):
+                raise UnknownStore(str(exc)) from None
+            raise CompactionFailed(str(exc)) from None
+        finally:
+            self.release(store_log)
+        result.via = "server"
+        # Who did it: `sds store compact` checks that the server it asked is the one that
+        # holds the store in the persist dir it was pointed at (see LockRecord).
+        return {
+            **result.as_json(),
+            "server": {"persist_dir": self.holder.persist_dir, "instance": self.holder.instance},
+        }
+
     def advertise(self, url: str) -> None:
         """Record the URL this server is reached at in every lock file it takes from now on.
 
@@ -932,6 +931,11 @@ class Storage:
         """True while this server has the store's file open (or is opening it): it owns the store."""
         name = store_filename(store_id)
         return name in self._files or name in self._opening
+
+    def previous_holder(self, store_id: str) -> LockRecord | None:
+        """Who held a store's file before this server (see ``StoreFile.previous_holder``)."""
+        file = self._files.get(store_filename(store_id))
+        return None if file is None else file.previous_holder
 
     def mark(self, store_id: str, record: LockRecord) -> None:
         """Write ``record`` into the lock file of a store file this server holds."""
