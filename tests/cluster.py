@@ -76,6 +76,9 @@ def haproxy_config(
 class Cluster:
     """``n`` sds processes on one persist dir and the HAProxy in front of them.
 
+    With ``database_url`` the stores are in PostgreSQL instead, and the processes
+    share a lock dir for ownership (``ownership_dir`` is where the locks are).
+
     ``processes[i]`` is HAProxy's server ``SHIPPED_SERVERS[i]``. ``http_url`` and
     ``ws_url`` are HAProxy's; a process's own URLs are on its ServerProcess.
     """
@@ -87,15 +90,26 @@ class Cluster:
         n: int = 3,
         balance: str = "uri",
         server_args: Sequence[str] = (),
+        database_url: str | None = None,
     ) -> None:
         self.directory = directory
         self.persist_dir = directory / "persist"
-        self.persist_dir.mkdir(parents=True, exist_ok=True)
+        self.lock_dir = directory / "locks"
         self.log_dir = directory / "logs"
         self.env = clean_env(secret=TEST_SECRET)
+        if database_url is None:
+            self.persist_dir.mkdir(parents=True, exist_ok=True)
+            storage_args = ["--persist-dir", str(self.persist_dir)]
+            self.ownership_dir = self.persist_dir
+        else:
+            # Stores in PostgreSQL, ownership in a lock dir of this machine. The URL
+            # (with its password) travels in the environment, never on a command line.
+            self.env["SDS_DATABASE_URL"] = database_url
+            storage_args = ["--lock-dir", str(self.lock_dir)]
+            self.ownership_dir = self.lock_dir
         self.processes = [
             ServerProcess(
-                ["--persist-dir", str(self.persist_dir), *server_args],
+                [*storage_args, *server_args],
                 port=free_port(),
                 env=self.env,
                 cwd=directory,
@@ -261,10 +275,17 @@ class Cluster:
 
 @contextmanager
 def running_cluster(
-    directory: Path, *, n: int = 3, balance: str = "uri", server_args: Sequence[str] = ()
+    directory: Path,
+    *,
+    n: int = 3,
+    balance: str = "uri",
+    server_args: Sequence[str] = (),
+    database_url: str | None = None,
 ) -> Iterator[Cluster]:
     """A started `Cluster`, stopped on exit."""
-    cluster = Cluster(directory, n=n, balance=balance, server_args=server_args)
+    cluster = Cluster(
+        directory, n=n, balance=balance, server_args=server_args, database_url=database_url
+    )
     try:
         yield cluster.start()
     finally:

@@ -38,7 +38,17 @@ def indexes(store_id: str, frames: list[bytes]) -> list[int]:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Three processes sharing a persist dir (SQLite store files)."""
     with running_cluster(tmp_path) as running:
+        yield running
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    """Three processes on SQLite files in a shared persist dir, then on one PostgreSQL
+    database with a shared lock dir."""
+    url = request.getfixturevalue("database_url") if request.param == "postgresql" else None
+    with running_cluster(tmp_path, database_url=url) as running:
         yield running
 
 
@@ -129,7 +139,7 @@ async def check_nothing_lost(cluster: Cluster, traffic: Traffic) -> None:
 
 def owners(cluster: Cluster) -> dict[str, str | None]:
     """The URL of the process holding each store file (from the lock records)."""
-    status = cluster_status(cluster.persist_dir)
+    status = cluster_status(cluster.ownership_dir)
     return {store.store: process.url for process in status.processes for store in process.stores}
 
 
@@ -171,8 +181,9 @@ async def test_never_split_with_round_robin_every_client_of_a_store_gets_every_f
 
 
 async def test_failover_after_sigkill_every_store_is_served_again_and_nothing_seen_is_lost(
-    cluster: Cluster,
+    any_cluster: Cluster,
 ) -> None:
+    cluster = any_cluster
     stores = [f"doc-{i:02d}" for i in range(STORES)]
     routed = {s: cluster.routed_to(f"/ws/{s}") for s in stores}
     victim = 0
@@ -197,10 +208,11 @@ async def test_failover_after_sigkill_every_store_is_served_again_and_nothing_se
 
 
 async def test_failback_stores_return_to_the_process_the_proxy_routes_them_to(
-    cluster: Cluster,
+    any_cluster: Cluster,
 ) -> None:
     """HAProxy leaves open tunnels where they are when a process comes back: a store
     moves back when its clients come through the proxy again (here: they all reconnect)."""
+    cluster = any_cluster
     stores = [f"doc-{i:02d}" for i in range(STORES)]
     victim = 1
     async with Traffic(cluster, stores) as traffic:
@@ -244,8 +256,9 @@ async def test_failback_stores_return_to_the_process_the_proxy_routes_them_to(
 
 
 async def test_sigterm_hands_stores_to_the_others_with_one_reconnect_and_nothing_lost(
-    cluster: Cluster,
+    any_cluster: Cluster,
 ) -> None:
+    cluster = any_cluster
     stores = [f"doc-{i:02d}" for i in range(STORES)]
     routed = {s: cluster.routed_to(f"/ws/{s}") for s in stores}
     victim = 2
