@@ -1,0 +1,75 @@
+"""``sds cluster status``: the processes sharing a persist dir and the stores each owns."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from sds.cli.options import ConfigFailure, config_from, fail, print_table, setting_options
+from sds.cli.store import json_option
+
+
+@click.group()
+def cluster() -> None:
+    """Several sds processes on one persist dir (docs/scaling.md)."""
+
+
+@cluster.command("status")
+@json_option
+@setting_options("persist_dir", "lock_dir", secret=False)
+def cluster_status_command(as_json: bool, **options: Any) -> None:
+    """Show the live processes of a persist dir (or lock dir), their URLs and stores.
+
+    Read from the lock files: a process is alive while it holds its server record,
+    and owns a store (or signalling room) while it holds its lock. Nothing is
+    written. Exit 1 when no process is alive.
+
+    \b
+    Examples:
+      sds cluster status --persist-dir /var/lib/sds
+      sds cluster status --lock-dir /run/sds          # relay-only processes
+      sds cluster status --json | jq '.processes[] | {url, stores: [.stores[].store]}'
+    """
+    from sds.cluster import ClusterError, cluster_status
+
+    config = config_from(options, require_secret=False)
+    directory = config.lock_dir if config.persist_dir is None else config.persist_dir
+    if directory is None and config.database_url is not None:
+        raise ConfigFailure(
+            "cluster status is not supported with --database-url yet: it reads ownership "
+            "from lock files; give the --lock-dir the servers share, if they use one"
+        )
+    if directory is None:
+        raise ConfigFailure(
+            "no persist dir or lock dir: set --persist-dir (SDS_PERSIST_DIR) "
+            "or --lock-dir (SDS_LOCK_DIR)"
+        )
+    try:
+        status = cluster_status(directory)
+    except ClusterError as exc:
+        raise ConfigFailure(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(status.as_json(), indent=2))
+    else:
+        rows = [
+            (
+                process.url or "-",
+                str(process.pid),
+                process.instance,
+                str(len(process.stores)),
+                " ".join([*(s.store for s in process.stores), *process.rooms]) or "-",
+            )
+            for process in status.processes
+        ]
+        rows += [
+            (other.command or "-", str(other.pid), "-", "1", other.file) for other in status.others
+        ]
+        print_table(
+            ("url", ("pid", "right"), "instance", ("stores", "right"), "owns (stores, rooms)"),
+            rows,
+            title=f"{directory}: {len(status.processes)} process(es) alive",
+        )
+    if not status.alive:
+        fail(f"no sds process is serving {directory}")
