@@ -22,12 +22,15 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from sds.backends.sqlite import HANDOVER_COMMAND, LockRecord, StoreLocked
 from sds.ownership import SIGNAL, Key
+
+if TYPE_CHECKING:
+    from sds.cluster import ClusterStatus
 
 log = logging.getLogger(__name__)
 
@@ -314,3 +317,50 @@ def _record(row: Any) -> LockRecord | None:
         url=row["url"],
         command=row["command"],
     )
+
+
+HELD_ALL = """
+SELECT classid::bigint, objid::bigint FROM pg_locks
+WHERE locktype = 'advisory' AND granted AND objsubid = 1
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+
+
+async def database_status(url: str, describe: str = "the database") -> ClusterStatus:
+    """The live servers of one database and the stores each owns (``sds cluster status``).
+
+    Read-only: a server counts while it holds its advisory lock, a store while its
+    lease's lock is held.
+    """
+    from sds.cluster import ClusterError, ClusterStatus, OwnedStore, ProcessStatus
+
+    try:
+        conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
+    except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+        raise ClusterError(
+            f"cannot connect to PostgreSQL at {describe}: {type(exc).__name__}"
+        ) from None
+    try:
+        held = {(int(c) & 0xFFFF_FFFF, int(o)) for c, o in await conn.fetch(HELD_ALL)}
+        try:
+            servers = await conn.fetch("SELECT instance, url, pid FROM sds_servers")
+            owners = await conn.fetch("SELECT lock_key, instance FROM sds_owners ORDER BY lock_key")
+        except asyncpg.UndefinedTableError:
+            servers, owners = [], []
+    finally:
+        await conn.close()
+    processes: dict[str, ProcessStatus] = {}
+    for row in servers:
+        if _oids(lock_number("server:" + row["instance"])) in held:
+            processes[row["instance"]] = ProcessStatus(row["instance"], int(row["pid"]), row["url"])
+    for row in owners:
+        owner = processes.get(row["instance"])
+        if owner is None or _oids(lock_number(row["lock_key"])) not in held:
+            continue
+        kind, _, store_id = str(row["lock_key"]).partition(":")
+        if kind == "ws":
+            owner.stores.append(OwnedStore(file=row["lock_key"], store=store_id))
+        else:
+            owner.rooms.append(store_id)
+    ordered = sorted(processes.values(), key=lambda p: (p.url or "", p.pid))
+    return ClusterStatus(describe, ordered, [])

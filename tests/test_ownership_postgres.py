@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -19,7 +20,7 @@ import asyncpg
 import pytest
 
 from sds.client import ClientClosed, StoreClient
-from tests.helpers import ServerProcess, spawn_server
+from tests.helpers import ServerProcess, clean_env, run_sds, spawn_server
 from tests.test_ownership import (
     assert_every_frame_exchanged,
     eventually,
@@ -64,7 +65,16 @@ async def test_servers_sharing_a_database_never_split_a_store(
         joiner = StoreClient(servers[2].ws_url, "shared", servers[2].token("shared"))
         async with joiner:
             history = await joiner.receive_all(window=1.0)
+            # sds cluster status reads the owners from the database.
+            env = clean_env(SDS_DATABASE_URL=database_url)
+            result = await asyncio.to_thread(run_sds, "cluster", "status", "--json", env=env)
         assert len(history) == 600
+        assert result.returncode == 0, result.stderr
+        status = json.loads(result.stdout)
+        assert sorted(p["url"] for p in status["processes"]) == sorted(s.http_url for s in servers)
+        owning = [p for p in status["processes"] if p["stores"]]
+        assert [[s["store"] for s in p["stores"]] for p in owning] == [["shared"]]
+        assert "password" not in result.stdout and database_url not in result.stdout
 
 
 async def test_owner_killed_mid_stream_loses_nothing_and_the_next_owner_gets_a_new_epoch(
