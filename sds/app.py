@@ -331,12 +331,15 @@ def run(
     app = create_app(config)
 
     async def advertise(app: web.Application) -> None:
+        # Where other processes reach this one (forwarding): --advertise-url, else
+        # the bound address.
+        reached = config.advertise_url or url
         storage = app[STORAGE]
         if storage is not None:
-            storage.advertise(url)
+            storage.advertise(reached)
         ownership = app[OWNERSHIP]
         if ownership is not None:
-            ownership.advertise(url)
+            ownership.advertise(reached)
 
     app.on_startup.append(advertise)
 
