@@ -123,7 +123,14 @@ class PgLocks:
         conn = await asyncpg.connect(
             self._url,
             timeout=CONNECT_TIMEOUT,
-            server_settings={"application_name": f"sds-ownership pid {os.getpid()}"},
+            server_settings={
+                "application_name": f"sds-ownership pid {os.getpid()}",
+                # A server cut off without a goodbye (a partition) loses its session,
+                # and so its locks, within seconds, not after the system's 2 hours.
+                "tcp_keepalives_idle": "5",
+                "tcp_keepalives_interval": "2",
+                "tcp_keepalives_count": "3",
+            },
         )
         try:
             async with conn.transaction():

@@ -45,12 +45,12 @@ def cluster_status_command(as_json: bool, **options: Any) -> None:
     if directory is None and config.database_url is not None:
         import asyncio
 
-        from sds.backends.postgres import describe
+        from sds.config import redacted_url
         from sds.pg_ownership import database_status
 
         try:
             status = asyncio.run(
-                database_status(config.database_url, describe(config.database_url))
+                database_status(config.database_url, redacted_url(config.database_url))
             )
         except ClusterError as exc:
             raise ConfigFailure(str(exc)) from None
