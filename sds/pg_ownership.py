@@ -200,6 +200,12 @@ class PgLocks:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
+            if self._conn is None:
+                # Reconnecting (the database was away): wait for it, bounded.
+                if loop.time() >= deadline:
+                    raise StoreLocked("the ownership database is unavailable", None)
+                await asyncio.sleep(0.1)
+                continue
             async with self._io:
                 conn = self._live()
                 if await conn.fetchval("SELECT pg_try_advisory_lock($1)", number):
