@@ -11,6 +11,7 @@ import re
 import socket
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
@@ -23,6 +24,7 @@ from sds.appkeys import (
     HEALTH,
     MAINTENANCE,
     METRICS,
+    OWNERSHIP,
     RELAY,
     SIGNALLING,
     STATE,
@@ -37,13 +39,16 @@ from sds.auth import (
     trusted_networks,
 )
 from sds.backends import open_storage
+from sds.backends.base import Storage
 from sds.background import Tasks
 from sds.chunks import ChunkBudget
 from sds.config import SETTINGS, Config
 from sds.connections import CLOSE_GOING_AWAY
+from sds.forwarding import close_session
 from sds.health import StorageHealth, healthz_handler
 from sds.logs import flush_log_summaries, redact_access_log
 from sds.metrics import Metrics, sds_version
+from sds.ownership import WS, Key, Ownership, ownership_for, same_lock
 from sds.relay import Relay
 from sds.signalling import Signalling, signal_handler
 from sds.token_api import token_handler
@@ -138,10 +143,13 @@ async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
         max_catchup_bytes_total=config.max_catchup_bytes_total,
         tasks=tasks,
     )
+    app[OWNERSHIP] = ownership = await _ownership(app, storage)
     sweeper = asyncio.create_task(_housekeeping(app))
     try:
         yield
     finally:
+        if ownership is not None:
+            await close_session(ownership)
         sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper
@@ -151,7 +159,54 @@ async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
         if storage is not None:
             await storage.close()
             log.info("storage flushed and closed")
+        if ownership is not None:
+            ownership.close()
         maintenance.shutdown(wait=False, cancel_futures=True)
+
+
+async def _ownership(app: web.Application, storage: Storage[Any] | None) -> Ownership | None:
+    """Store ownership among the processes of one lock dir: the persist dir, or --lock-dir."""
+    config = app[CONFIG]
+    ownership = await ownership_for(
+        config.persist_dir if config.persist_dir is not None else config.lock_dir,
+        storage,
+        database_url=config.database_url,
+        database_ownership=config.database_ownership,
+        metrics=app[METRICS],
+        tasks=app[TASKS],
+        handover_grace=config.handover_grace,
+    )
+    if ownership is None:
+        return None
+    relay = app[RELAY]
+    state = app[STATE]
+    signalling = app[SIGNALLING]
+
+    def close_clients(key: Key, code: int, reason: str) -> None:
+        kind, store_id = key
+        if kind == WS:
+            for client in [c for c in state.clients if c.store_id == store_id]:
+                client.close(code, reason)
+        else:
+            room = signalling.rooms.get(store_id)
+            for peer in list(room.peers) if room is not None else []:
+                peer.client.close(code, reason)
+
+    def in_use(key: Key) -> bool:
+        kind, store_id = key
+        if kind == WS:
+            return store_id in relay.stores
+        return store_id in signalling.rooms
+
+    def shares_lock(key: Key) -> bool:
+        kind, store_id = key
+        live = relay.stores if kind == WS else signalling.rooms
+        return any(other != store_id and same_lock(other, store_id) for other in live)
+
+    ownership.close_clients = close_clients
+    ownership.in_use = in_use
+    ownership.shares_lock = shares_lock
+    return ownership
 
 
 async def _housekeeping(app: web.Application) -> None:
@@ -176,6 +231,9 @@ async def _close_clients(app: web.Application) -> None:
     """On SIGTERM/SIGINT: refuse new clients, close every open one with 1001."""
     state = app[STATE]
     state.shutting_down = True
+    ownership = app.get(OWNERSHIP)
+    if ownership is not None:
+        ownership.retire(CLOSE_GOING_AWAY)
     for client in list(state.clients):
         client.close(CLOSE_GOING_AWAY, "server shutting down")
     await app[SIGNALLING].close_all(CLOSE_GOING_AWAY)
@@ -273,9 +331,15 @@ def run(
     app = create_app(config)
 
     async def advertise(app: web.Application) -> None:
+        # Where other processes reach this one (forwarding): --advertise-url, else
+        # the bound address.
+        reached = config.advertise_url or url
         storage = app[STORAGE]
         if storage is not None:
-            storage.advertise(url)
+            storage.advertise(reached)
+        ownership = app[OWNERSHIP]
+        if ownership is not None:
+            ownership.advertise(reached)
 
     app.on_startup.append(advertise)
 

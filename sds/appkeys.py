@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from sds.backends.base import Storage
     from sds.connections import Client
     from sds.health import StorageHealth
+    from sds.ownership import Ownership
     from sds.relay import Relay
     from sds.signalling import Signalling
 
@@ -43,6 +44,8 @@ RELAY: web.AppKey[Relay] = web.AppKey("relay")
 STORAGE: web.AppKey[Storage[Any] | None] = web.AppKey("storage")
 SIGNALLING: web.AppKey[Signalling] = web.AppKey("signalling")
 HEALTH: web.AppKey[StorageHealth | None] = web.AppKey("health")
+OWNERSHIP: web.AppKey[Ownership | None] = web.AppKey("ownership")
+"""Store ownership among the processes of one lock dir (None: a process on its own)."""
 TASKS = web.AppKey("tasks", Tasks)
 """Background tasks of the server: cancelled and awaited at shutdown."""
 MAINTENANCE: web.AppKey[Executor] = web.AppKey("maintenance")

@@ -66,6 +66,10 @@ class Config:
     trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     mint_beyond_admin_expiry: bool = False
     permessage_deflate: bool = False
+    lock_dir: Path | None = None
+    handover_grace: float = 2.0
+    database_ownership: bool = True
+    advertise_url: str | None = None
     log_format: str = "text"
     log_level: str = "info"
 
@@ -88,6 +92,15 @@ class Config:
             choices = _CHOICES[name]
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name.replace('_', '-')} must be one of {', '.join(choices)}")
+        if self.lock_dir is not None and self.persist_dir is not None:
+            raise ConfigError(
+                "lock-dir is for relay-only processes; a server with a persist dir "
+                "takes its store locks in the persist dir"
+            )
+        if self.advertise_url is not None and not self.advertise_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ConfigError("advertise-url must be an http:// or https:// URL")
         for name in _POSITIVE:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be greater than 0")
@@ -133,6 +146,7 @@ _POSITIVE = (
     "max_request_bytes",
     "heartbeat",
     "shutdown_timeout",
+    "handover_grace",
 )
 
 
@@ -157,6 +171,11 @@ def _parse_bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ConfigError(f"not a yes/no value: {text!r}")
+
+
+def _parse_switch(text: str) -> bool:
+    """on/off given as a value (``--database-ownership off``), for a setting that is on by default."""
+    return _parse_bool(text)
 
 
 def _parse_origins(text: str) -> tuple[str, ...]:
@@ -426,6 +445,44 @@ SETTINGS: tuple[Setting, ...] = (
         _parse_bool,
         "Accept permessage-deflate from clients (off: it costs CPU on every frame).",
         "BOOL",
+    ),
+    Setting(
+        "lock_dir",
+        ("SDS_LOCK_DIR",),
+        Path,
+        "Without a persist dir (relay only, or stores in PostgreSQL on one machine): "
+        "directory where the processes of one machine take a lock per store (and per "
+        "signalling room); the holder owns it and the others forward its clients there. "
+        "A server with a persist dir uses its persist dir.",
+        "DIR",
+    ),
+    Setting(
+        "handover_grace",
+        ("SDS_HANDOVER_GRACE",),
+        _parse_float,
+        "Seconds a store whose clients all arrive forwarded by other processes stays here "
+        "before it is handed over (clients closed with 1012, reconnect through the proxy).",
+        "SECONDS",
+    ),
+    Setting(
+        "database_ownership",
+        ("SDS_DATABASE_OWNERSHIP",),
+        _parse_switch,
+        "With --database-url and no --lock-dir: the servers of one database own its "
+        "stores through it (a lease row and an advisory lock per store, every commit "
+        "fenced by the lease's epoch), so a store is never split between servers on "
+        "several machines. off: a single server per database (one round trip less "
+        "per commit).",
+        "SWITCH",
+    ),
+    Setting(
+        "advertise_url",
+        ("SDS_ADVERTISE_URL",),
+        str,
+        "The http:// URL other sds processes reach this one at, recorded with the "
+        "stores it owns (forwarded connections go there). Default: the address it "
+        "binds (0.0.0.0 reads as 127.0.0.1: set this for servers on several machines).",
+        "URL",
     ),
     Setting(
         "log_format", ("SDS_LOG_FORMAT",), _parse_choice("log_format"), "text or json.", "FORMAT"

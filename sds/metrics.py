@@ -76,6 +76,10 @@ class Metrics:
     value_requests_unanswered: Counter[str] = field(default_factory=Counter)
     value_answer_bytes: int = 0
     values_not_stored: Counter[str] = field(default_factory=Counter)
+    ownership_changes: Counter[str] = field(default_factory=Counter)
+    """Stores (or signalling rooms) this process took, released, handed over or lost."""
+    forwarded_connections_opened: int = 0
+    forwarded_connections_open: int = 0
 
     def observe_commit(self, seconds: float, *, ok: bool) -> None:
         """Count one storage commit that took ``seconds`` and succeeded or not."""
@@ -237,6 +241,23 @@ def render_prometheus(metrics: Metrics) -> str:
                     "sds_catchup_timeouts",
                     "Joiners closed with 1013 after waiting too long for catch-up room.",
                     m.catchup_timeouts,
+                ),
+                by_reason(
+                    "sds_ownership_changes",
+                    "Stores and signalling rooms this process took (acquired), let go when "
+                    "unused (released), handed over to the process the proxy routes their "
+                    "clients to (handed_over) or lost, by reason.",
+                    m.ownership_changes,
+                ),
+                counter(
+                    "sds_forwarded_connections_opened",
+                    "Connections forwarded to the process owning their store.",
+                    m.forwarded_connections_opened,
+                ),
+                gauge(
+                    "sds_forwarded_connections",
+                    "Open connections forwarded to the process owning their store.",
+                    m.forwarded_connections_open,
                 ),
             ]
 

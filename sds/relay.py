@@ -292,9 +292,12 @@ CATCHUP_WAIT_SECONDS = 60.0
 class Refused(Exception):
     """A connection cannot be admitted now (HTTP 503 before the upgrade)."""
 
-    def __init__(self, message: str, reason: str) -> None:
+    def __init__(self, message: str, reason: str, holder: Any = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.holder = holder
+        """Who holds the store's lock (a LockRecord), when another process does
+        (see sds.forwarding)."""
 
 
 class Relay:
@@ -332,10 +335,15 @@ class Relay:
 
     def admit(self, store_id: str) -> None:
         """Raise Refused when one more connection to ``store_id`` would pass a limit."""
-        if self.connections + self.metrics.signal_connections_open >= self.max_connections:
+        if self.open_connections() >= self.max_connections:
             raise Refused("server is at its connection limit", "max_connections")
         if self._users.get(store_id, 0) >= self.max_connections_per_store:
             raise Refused("store is at its connection limit", "max_connections_per_store")
+
+    def open_connections(self) -> int:
+        """Connections counted by --max-connections: /ws, /signal and forwarded ones."""
+        m = self.metrics
+        return self.connections + m.signal_connections_open + m.forwarded_connections_open
 
     async def open_store(self, store_id: str) -> LiveStore:
         """The live store of ``store_id`` with one more user counted (opens its file if needed)."""
@@ -374,7 +382,9 @@ class Relay:
                 except StorageError as exc:
                     if store.log is not None:
                         self.storage.release(store.log)
-                    raise Refused(str(exc), "storage") from None
+                    # Set on sds.backends.sqlite.StoreLocked: another process holds the file.
+                    holder = getattr(exc, "holder", None)
+                    raise Refused(str(exc), "storage", holder) from None
             self.stores[store_id] = store
             self.metrics.stores_open = len(self.stores)
             opening.set_result(store)

@@ -13,10 +13,13 @@ import logging
 
 from aiohttp import WSMsgType, web
 
-from sds.appkeys import CONFIG, RELAY, SIGNALLING, STATE
+from sds.appkeys import CONFIG, OWNERSHIP, RELAY, SIGNALLING, STATE
 from sds.auth import CloseRefusal, admit, http_error, refuse_with_close
 from sds.connections import Client, accept_client
+from sds.forwarding import Forwarded, forwarded_by, serve_here_or_forward
+from sds.ownership import SIGNAL
 from sds.protocol import encode_server_frame
+from sds.tokens import Claims
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +125,37 @@ async def signal_handler(request: web.Request) -> web.StreamResponse:
         relay.metrics.connections_refused["signal_limit"] += 1
         raise http_error(503, "signalling room is at its connection limit")
     # --max-connections bounds /ws and /signal together.
-    if relay.connections + relay.metrics.signal_connections_open >= config.max_connections:
+    if relay.open_connections() >= config.max_connections:
         relay.metrics.connections_refused["max_connections"] += 1
         raise http_error(503, "server is at its connection limit")
 
+    ownership = request.app.get(OWNERSHIP)
+    key = (SIGNAL, store_id)
+    via: str | None = None
+    if ownership is not None:
+        via = await forwarded_by(request, ownership)
+        placed = await serve_here_or_forward(
+            request, ownership, key, forwarded=via is not None, open_here=_nothing
+        )
+        if isinstance(placed, Forwarded):
+            return placed.response
+        ownership.joined(key, via=via)
+    try:
+        return await _serve_peer(request, store_id, claims)
+    finally:
+        if ownership is not None:
+            ownership.left(key, via=via)
+            ownership.unclaim(key)
+
+
+async def _nothing() -> None:
+    """A room needs nothing opened: its lock is all."""
+
+
+async def _serve_peer(request: web.Request, store_id: str, claims: Claims) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    signalling = request.app[SIGNALLING]
+    relay = request.app[RELAY]
     # Counted before the upgrade awaits, so concurrent upgrades cannot pass the limit.
     relay.metrics.signal_connections_open += 1
     try:

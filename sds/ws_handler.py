@@ -11,10 +11,12 @@ import time
 
 from aiohttp import WSMsgType, web
 
-from sds.appkeys import CONFIG, RELAY, STATE, ServerState
+from sds.appkeys import CONFIG, OWNERSHIP, RELAY, STATE, ServerState
 from sds.auth import CloseRefusal, admit, http_error, refuse_with_close
 from sds.chunks import ChunkAssembler, ChunkRefused
 from sds.connections import CLOSE_TRY_AGAIN_LATER, Client, accept_client
+from sds.forwarding import Forwarded, forwarded_by, serve_here_or_forward
+from sds.ownership import WS
 from sds.protocol import (
     KEY_BYTES,
     PATCH,
@@ -40,8 +42,25 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         store_id, claims = admit(request, config, state)
     except CloseRefusal as refusal:
         return await refuse_with_close(request, refusal)
+    ownership = request.app.get(OWNERSHIP)
+    key = (WS, store_id)
+    via: str | None = None
     try:
-        store = await relay.open_store(store_id)
+        if ownership is None:
+            store = await relay.open_store(store_id)
+        else:
+            via = await forwarded_by(request, ownership)
+            placed = await serve_here_or_forward(
+                request,
+                ownership,
+                key,
+                forwarded=via is not None,
+                open_here=lambda: relay.open_store(store_id),
+            )
+            if isinstance(placed, Forwarded):
+                return placed.response
+            store = placed
+            ownership.joined(key, via=via)
     except Refused as exc:
         relay.metrics.connections_refused[exc.reason] += 1
         raise http_error(503, str(exc)) from None
@@ -86,6 +105,9 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         relay.leave(store, client)
         if client is not None:
             _forget(client, state)
+        if ownership is not None:
+            ownership.left(key, via=via)
+            ownership.unclaim(key)
 
 
 def _forget(client: Client, state: ServerState) -> None:

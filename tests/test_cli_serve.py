@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sds.backends.sqlite import LockRecord
+from sds.backends.sqlite import LockRecord, lock_holder
 from sds.client import StoreClient
 from sds.tokens import verify_token
 from tests.helpers import (
@@ -247,25 +247,22 @@ def test_dev_banner_names_the_real_port_when_port_0_is_asked(tmp_path: Path) -> 
             assert response.status == 200
 
 
-async def test_second_server_on_one_persist_dir_warns_and_says_why_it_answers_503(
+async def test_second_server_on_one_persist_dir_says_so_and_forwards_to_the_owner(
     tmp_path: Path,
 ) -> None:
     stores = tmp_path / "stores"
     args = ["--persist-dir", str(stores)]
     with spawn_server(args, cwd=tmp_path, log_dir=tmp_path / "a") as first:
-        async with StoreClient(first.ws_url, "held", first.token("held")):
+        async with StoreClient(first.ws_url, "held", first.token("held")) as held:
             with spawn_server(args, cwd=tmp_path, log_dir=tmp_path / "b") as second:
-                warning = [line for line in second.stderr.splitlines() if "also served" in line]
-                assert len(warning) == 1, second.stderr
-                assert "WARNING" in warning[0] and f"pid {first.pid}" in warning[0]
-                assert first.http_url in warning[0]
-                url = f"{second.http_url}/ws/held?token={second.token('held')}"
-                status, body = await asyncio.to_thread(http_get, url, 15)
-                assert status == 503
-                assert "locked by another process" in body.decode()
-                logged = [line for line in second.stderr.splitlines() if "'held'" in line]
-                assert logged and "WARNING" in logged[0], second.stderr
-                assert f"pid {first.pid}" in logged[0] and first.http_url in logged[0]
+                notice = [line for line in second.stderr.splitlines() if "also served" in line]
+                assert len(notice) == 1, second.stderr
+                assert "INFO" in notice[0] and f"pid {first.pid}" in notice[0]
+                assert first.http_url in notice[0]
+                async with StoreClient(second.ws_url, "held", second.token("held")) as other:
+                    await other.send(b"\x01patch")
+                    assert await held.receive(timeout=10) == b"\x01patch"
+                assert "WARNING" not in second.stderr
 
 
 async def test_server_on_port_0_records_its_real_url_in_the_lock_files_it_takes(
@@ -294,4 +291,7 @@ async def test_server_on_port_0_records_its_real_url_in_the_lock_files_it_takes(
             assert store_lock == holder
         server.stop()
     assert not list(stores.glob(".sds-server-*"))
-    assert (stores / "notes.db.lock").read_text() == ""
+    # Nobody holds it; what stays says the stopped server handed it over.
+    assert lock_holder(stores / "notes.db") is None
+    left = LockRecord.from_json((stores / "notes.db.lock").read_text())
+    assert left is not None and left.command == "handover"

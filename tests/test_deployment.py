@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tests.deploy_tools import require_tool as _tool
 from tests.deploy_tools import run_tool as _run
+from tests.deploy_tools import self_signed_certificate
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOYMENT = ROOT / "deployment"
@@ -150,3 +151,72 @@ def test_docker_secret_instructions_match_the_image_user() -> None:
         assert "chmod 0400 deployment/jwt-secret" in text
         assert "chmod 600" not in text and "chmod 0600" not in text
     assert f"uid {uid.group(1)}" in docker
+
+
+def test_haproxy_config_passes_haproxy_c_and_routes_by_path_without_the_token(
+    tmp_path: Path,
+) -> None:
+    haproxy = _tool("haproxy")
+    cert, key = self_signed_certificate(tmp_path)
+    pem = tmp_path / "sds.pem"
+    pem.write_text(cert.read_text() + key.read_text())
+    config = (DEPLOYMENT / "haproxy" / "sds.cfg").read_text()
+    directives = [line.split("#", 1)[0].strip() for line in config.splitlines()]
+    assert "balance uri path-only" in directives
+    assert any(line.startswith("hash-type consistent") for line in directives)
+    assert "option httpchk GET /healthz" in directives
+    assert any(line.startswith("timeout tunnel") for line in directives)
+    log_format = next(line for line in directives if line.startswith("log-format"))
+    # %HP is the path alone; %r, %HU and %HQ would log the token of ?token=...
+    assert "%HP" in log_format
+    assert not re.search(r"%(\{[^}]*\})?(r|HU|HQ)(?![A-Za-z])", log_format), log_format
+    config = config.replace("/etc/haproxy/certs/sds.example.com.pem", str(pem))
+    config = config.replace("/run/haproxy/admin.sock", str(tmp_path / "admin.sock"))
+    (tmp_path / "haproxy.cfg").write_text(config)
+    result = _run([haproxy, "-c", "-f", str(tmp_path / "haproxy.cfg")], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Configuration file is valid" in result.stdout
+
+
+def test_systemd_template_unit_verifies_with_the_port_as_instance(tmp_path: Path) -> None:
+    analyze = _tool("systemd-analyze")
+    unit = (DEPLOYMENT / "sds@.service").read_text()
+    assert "Environment=SDS_PORT=%i" in unit
+    assert "Environment=SDS_PERSIST_DIR=/var/lib/sds" in unit
+    assert "LoadCredential=jwt-secret:" in unit and "SDS_JWT_SECRET_FILE=%d/jwt-secret" in unit
+    # The same sandbox as the single-process unit.
+    single = (DEPLOYMENT / "sds.service").read_text()
+    sandbox = single[single.index("# Sandboxing") : single.index("[Install]")]
+    assert sandbox in unit
+    (tmp_path / "sds@.service").write_text(unit.replace("/opt/sds/venv/bin/sds", SDS_BIN))
+    result = _run([analyze, "verify", str(tmp_path / "sds@3001.service")], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "sds@" not in result.stderr, result.stderr
+
+
+def test_nginx_cluster_upstream_hashes_the_path_and_passes_nginx_t(tmp_path: Path) -> None:
+    nginx = _tool("nginx")
+    cert, key = self_signed_certificate(tmp_path)
+    upstream = (DEPLOYMENT / "nginx" / "sds-cluster-upstream.conf").read_text()
+    block = upstream[upstream.index("\nupstream sds_relay {") :]
+    assert "hash $uri consistent;" in block and "$request_uri" not in block
+    site = (DEPLOYMENT / "nginx" / "sds.conf").read_text()
+    single = site[site.index("upstream sds_relay {") :]
+    single = single[: single.index("}") + 1]
+    site = (
+        site.replace(single, block.strip())
+        .replace("/etc/letsencrypt/live/sds.example.com/fullchain.pem", str(cert))
+        .replace("/etc/letsencrypt/live/sds.example.com/privkey.pem", str(key))
+        .replace("/var/log/nginx/", f"{tmp_path}/")
+    )
+    assert "hash $uri consistent;" in site
+    (tmp_path / "site.conf").write_text(site)
+    temp = tmp_path / "tmp"
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+        f"http {{\n  access_log off;\n  client_body_temp_path {temp}; proxy_temp_path {temp};\n"
+        f"  fastcgi_temp_path {temp}; uwsgi_temp_path {temp}; scgi_temp_path {temp};\n"
+        f"  include {tmp_path}/site.conf;\n}}\n"
+    )
+    result = _run([nginx, "-t", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)], tmp_path)
+    assert result.returncode == 0, result.stderr

@@ -9,8 +9,16 @@ import sds
 
 PACKAGE = Path(sds.__file__).parent
 CONCRETE = ("sds.backends.sqlite", "sds.backends.postgres")
-MAY_IMPORT_SQLITE = {"maintenance.py", "backup.py"}
-"""Maintenance and backup work on SQLite store files on disk (as does the CLI, in sds/cli)."""
+MAY_IMPORT_SQLITE = {
+    "maintenance.py",
+    "backup.py",
+    "ownership.py",
+    "pg_ownership.py",
+    "cluster.py",
+}
+"""Maintenance and backup work on SQLite store files on disk (as does the CLI, in sds/cli);
+ownership uses the lock records (on one machine, the lock files' flock), which cluster
+status reads."""
 MAY_IMPORT_BOTH = {"pg_maintenance.py"}
 """Maintenance of a PostgreSQL database: it moves stores between the database and files."""
 

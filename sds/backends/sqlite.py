@@ -119,6 +119,8 @@ MAX_LOCKED_WARNINGS = 4096
 SERVER_RECORD_PREFIX = ".sds-server-"
 """Directory record of a running server: ``<persist dir>/.sds-server-<instance>.lock``."""
 STALE_SERVER_RECORD_SECONDS = 10.0
+HANDOVER_COMMAND = "handover"
+"""The ``command`` of a lock record whose holder is letting the store go: wait, do not forward."""
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -213,12 +215,21 @@ def file_lock(db_path: Path, *, timeout: float, record: LockRecord | None = None
         unlock(fd)
 
 
-def try_lock(db_path: Path, *, timeout: float, record: LockRecord | None = None) -> int:
+def try_lock(
+    db_path: Path,
+    *,
+    timeout: float,
+    record: LockRecord | None = None,
+    previous: list[LockRecord | None] | None = None,
+) -> int:
     """Take the one-writer lock of a store file; the returned fd holds it until closed.
 
     Once the flock is held, ``record`` (default: this process without a URL)
-    replaces the lock file's content. StoreLocked, with the holder's record, when
-    another process keeps the lock past ``timeout`` seconds.
+    replaces the lock file's content; the record found there before (a killed
+    holder's, or a stopped server's handover record) is appended to ``previous``.
+    StoreLocked, with the holder's record, when another process keeps the lock
+    past ``timeout`` seconds, or at once when the holder is another live server
+    (its clients are forwarded there, see sds.forwarding).
     """
     fd = os.open(lock_path(db_path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     deadline = time.monotonic() + timeout
@@ -230,12 +241,24 @@ def try_lock(db_path: Path, *, timeout: float, record: LockRecord | None = None)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 os.close(fd)
                 raise
+        holder = _read_record(fd) if record is not None and record.url else None
+        if (
+            holder is not None
+            and holder.url
+            and holder.command != HANDOVER_COMMAND
+            and holder.instance != (record and record.instance)
+        ):
+            # Another live server owns it: its clients are forwarded there, no wait.
+            os.close(fd)
+            raise StoreLocked(f"{db_path.name} is locked by another process", holder)
         if time.monotonic() >= deadline:
             holder = _read_record(fd)
             os.close(fd)
             # The holder's pid and URL go to the log, not into messages clients may see.
             raise StoreLocked(f"{db_path.name} is locked by another process", holder)
         time.sleep(0.05)
+    if previous is not None:
+        previous.append(_read_record(fd))
     try:
         data = (record or process_record()).to_json().encode() + b"\n"
         os.ftruncate(fd, 0)
@@ -246,10 +269,24 @@ def try_lock(db_path: Path, *, timeout: float, record: LockRecord | None = None)
     return fd
 
 
-def unlock(fd: int) -> None:
-    """Release a lock taken by try_lock; its record is cleared so nobody reads it as current."""
+def rewrite_record(fd: int, record: LockRecord) -> None:
+    """Replace the record of a lock this process holds (e.g. to say it is being handed over)."""
     with contextlib.suppress(OSError):
+        data = record.to_json().encode() + b"\n"
         os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+
+
+def unlock(fd: int) -> None:
+    """Release a lock taken by try_lock; its record is cleared so nobody reads it as current.
+
+    A handover record stays: it tells the next holder which server had the store
+    before (sds.ownership moves the store back when that server returns).
+    """
+    record = _read_record(fd)
+    if record is None or record.command != HANDOVER_COMMAND:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
     os.close(fd)
 
 
@@ -427,6 +464,9 @@ class StoreFile:
         self._committer: asyncio.Task[None] | None = None
         self._io = asyncio.Lock()
         self._blob_readers: set[BlobReader] = set()
+        self.previous_holder: LockRecord | None = None
+        """The record left in the lock file when this server took it (a killed or stopped
+        holder's), None when it was clear."""
 
     async def open(
         self,
@@ -438,12 +478,15 @@ class StoreFile:
         """Take the file's lock (in ``executor``: the wait blocks) and open it."""
         loop = asyncio.get_running_loop()
         try:
+            previous: list[LockRecord | None] = []
             self._lock_fd = await loop.run_in_executor(
-                executor, lambda: try_lock(self.path, timeout=lock_timeout, record=record)
+                executor,
+                lambda: try_lock(self.path, timeout=lock_timeout, record=record, previous=previous),
             )
         except OSError as exc:
             log.error("cannot lock store file %s: %s", self.path.name, exc.strerror)
             raise StorageError(f"cannot lock {self.path.name}: {exc.strerror}") from None
+        self.previous_holder = previous[0] if previous else None
         try:
             # connect_sync runs on the connection's own thread, as every later statement.
             self._db = await aiosqlite.Connection(
@@ -457,6 +500,11 @@ class StoreFile:
             await self.close()
             raise StorageError(f"cannot open {self.path.name}: {exc}") from None
         self.metrics.store_files_open += 1
+
+    @property
+    def lock_fd(self) -> int | None:
+        """The descriptor holding the file's lock (None when closed)."""
+        return self._lock_fd
 
     async def close(self) -> None:
         """Finish pending commits and close the file (and its lock)."""
@@ -945,9 +993,9 @@ class Storage:
         """
         self.holder = dataclasses.replace(self.holder, url=url)
         for other in live_servers(self.directory):
-            log.warning(
-                "persist dir %s is also served by another server (%s): each store file has "
-                "one writer, so stores one server holds get 503 from the other",
+            log.info(
+                "persist dir %s is also served by another server (%s): each store is owned "
+                "by the server holding its file's lock, and the other forwards its clients there",
                 self.directory,
                 other.describe(),
             )
@@ -959,6 +1007,32 @@ class Storage:
                 )
             except (OSError, StorageError) as exc:
                 log.warning("cannot write the server record in %s: %s", self.directory, exc)
+
+    def holds(self, store_id: str) -> bool:
+        """True while this server has the store's file open (or is opening it): it owns the store."""
+        name = store_filename(store_id)
+        return name in self._files or name in self._opening
+
+    def previous_holder(self, store_id: str) -> LockRecord | None:
+        """Who held a store's file before this server (see ``StoreFile.previous_holder``)."""
+        file = self._files.get(store_filename(store_id))
+        return None if file is None else file.previous_holder
+
+    def mark(self, store_id: str, record: LockRecord) -> None:
+        """Write ``record`` into the lock file of a store file this server holds."""
+        file = self._files.get(store_filename(store_id))
+        if file is not None and file.lock_fd is not None:
+            rewrite_record(file.lock_fd, record)
+
+    async def close_now(self, store_id: str) -> bool:
+        """Close a store's file at once (releasing its lock) if nobody uses it; False if in use."""
+        file = self._files.get(store_filename(store_id))
+        if file is None:
+            return True
+        if file.users:
+            return False
+        await self._close_file(file)
+        return True
 
     def _server_record_path(self) -> Path:
         return self.directory / f"{SERVER_RECORD_PREFIX}{self.holder.instance}"
@@ -1005,7 +1079,8 @@ class Storage:
                 try:
                     file = await self._open(name)
                 except BaseException as exc:
-                    if isinstance(exc, StoreLocked):
+                    if isinstance(exc, StoreLocked) and (exc.holder is None or not exc.holder.url):
+                        # A store another server owns is forwarded to it (sds.forwarding).
                         self._warn_locked(store_id, exc)
                     opening.set_exception(exc)
                     opening.exception()
@@ -1032,6 +1107,7 @@ class Storage:
             lock_timeout=self.lock_timeout, record=self.holder, executor=self.open_executor
         )
         self._files[name] = file
+        self.metrics.ownership_changes["acquired"] += 1
         return file
 
     def release(self, store_log: StoreLog) -> None:
@@ -1055,6 +1131,7 @@ class Storage:
             file.close_handle = None
         if self._files.get(file.path.name) is file:
             del self._files[file.path.name]
+            self.metrics.ownership_changes["released"] += 1
         # Shielded and tracked: a cancelled idle close (shutdown) still finishes, and
         # ``close`` waits for it.
         closing = asyncio.ensure_future(file.close())

@@ -7,6 +7,7 @@ import sys
 import click
 
 from sds.cli.backup import backup, restore
+from sds.cli.cluster import cluster
 from sds.cli.serve import serve
 from sds.cli.store import store
 from sds.cli.token import secret, token
@@ -37,6 +38,7 @@ cli.add_command(store)
 cli.add_command(backup)
 cli.add_command(restore)
 cli.add_command(watch_command)
+cli.add_command(cluster)
 
 
 def main(argv: list[str] | None = None) -> None:
