@@ -143,7 +143,7 @@ async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
         max_catchup_bytes_total=config.max_catchup_bytes_total,
         tasks=tasks,
     )
-    app[OWNERSHIP] = ownership = _ownership(app, storage)
+    app[OWNERSHIP] = ownership = await _ownership(app, storage)
     sweeper = asyncio.create_task(_housekeeping(app))
     try:
         yield
@@ -164,12 +164,14 @@ async def _storage_and_relay(app: web.Application) -> AsyncIterator[None]:
         maintenance.shutdown(wait=False, cancel_futures=True)
 
 
-def _ownership(app: web.Application, storage: Storage[Any] | None) -> Ownership | None:
+async def _ownership(app: web.Application, storage: Storage[Any] | None) -> Ownership | None:
     """Store ownership among the processes of one lock dir: the persist dir, or --lock-dir."""
     config = app[CONFIG]
-    ownership = ownership_for(
+    ownership = await ownership_for(
         config.persist_dir if config.persist_dir is not None else config.lock_dir,
         storage,
+        database_url=config.database_url,
+        database_ownership=config.database_ownership,
         metrics=app[METRICS],
         tasks=app[TASKS],
         handover_grace=config.handover_grace,
@@ -329,12 +331,15 @@ def run(
     app = create_app(config)
 
     async def advertise(app: web.Application) -> None:
+        # Where other processes reach this one (forwarding): --advertise-url, else
+        # the bound address.
+        reached = config.advertise_url or url
         storage = app[STORAGE]
         if storage is not None:
-            storage.advertise(url)
+            storage.advertise(reached)
         ownership = app[OWNERSHIP]
         if ownership is not None:
-            ownership.advertise(url)
+            ownership.advertise(reached)
 
     app.on_startup.append(advertise)
 

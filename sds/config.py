@@ -68,6 +68,8 @@ class Config:
     permessage_deflate: bool = False
     lock_dir: Path | None = None
     handover_grace: float = 2.0
+    database_ownership: bool = False
+    advertise_url: str | None = None
     log_format: str = "text"
     log_level: str = "info"
 
@@ -94,6 +96,17 @@ class Config:
             raise ConfigError(
                 "lock-dir is for relay-only processes; a server with a persist dir "
                 "takes its store locks in the persist dir"
+            )
+        if self.advertise_url is not None and not self.advertise_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ConfigError("advertise-url must be an http:// or https:// URL")
+        if self.database_ownership and self.database_url is None:
+            raise ConfigError("database-ownership needs --database-url")
+        if self.database_ownership and self.lock_dir is not None:
+            raise ConfigError(
+                "database-ownership and lock-dir exclude each other: ownership lives "
+                "in the database or in a lock dir"
             )
         for name in _POSITIVE:
             if getattr(self, name) <= 0:
@@ -451,6 +464,25 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds a store whose clients all arrive forwarded by other processes stays here "
         "before it is handed over (clients closed with 1012, reconnect through the proxy).",
         "SECONDS",
+    ),
+    Setting(
+        "database_ownership",
+        ("SDS_DATABASE_OWNERSHIP",),
+        _parse_bool,
+        "With --database-url: servers on several machines own stores through the "
+        "database (a lease row and an advisory lock per store, every commit fenced by "
+        "the lease's epoch), so a store is never split between them. Off: one server "
+        "per database, or --lock-dir for processes of one machine.",
+        "BOOL",
+    ),
+    Setting(
+        "advertise_url",
+        ("SDS_ADVERTISE_URL",),
+        str,
+        "The http:// URL other sds processes reach this one at, recorded with the "
+        "stores it owns (forwarded connections go there). Default: the address it "
+        "binds (0.0.0.0 reads as 127.0.0.1: set this for servers on several machines).",
+        "URL",
     ),
     Setting(
         "log_format", ("SDS_LOG_FORMAT",), _parse_choice("log_format"), "text or json.", "FORMAT"

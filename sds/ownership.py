@@ -93,30 +93,51 @@ def same_lock(a: str, b: str) -> bool:
     return store_filename(a) == store_filename(b)
 
 
-def ownership_for(
+async def ownership_for(
     lock_dir: Path | None,
     storage: object,
     *,
+    database_url: str | None,
+    database_ownership: bool = False,
     metrics: Metrics,
     tasks: Tasks,
     handover_grace: float,
 ) -> Ownership | None:
-    """Ownership among the processes of one lock dir (None: no lock dir, a process alone).
+    """Ownership among the processes of one lock dir, or of one PostgreSQL database.
 
-    A persist dir's store files are locked by the SQLite backend itself; otherwise
-    (relay only, or PostgreSQL on one machine) ownership takes its own lock files.
+    A persist dir's store files are locked by the SQLite backend itself; relay-only
+    processes (or PostgreSQL ones on one machine) take lock files in ``lock_dir``;
+    with ``database_ownership``, PostgreSQL servers own stores in the database
+    (sds.pg_ownership). None: a process on its own.
     """
     from sds.backends.sqlite import Storage as SqliteStorage
 
-    if lock_dir is None:
+    if lock_dir is not None:
+        return Ownership(
+            lock_dir,
+            storage=storage if isinstance(storage, SqliteStorage) else None,
+            metrics=metrics,
+            tasks=tasks,
+            handover_grace=handover_grace,
+        )
+    if database_url is None or not database_ownership:
         return None
-    return Ownership(
-        lock_dir,
-        storage=storage if isinstance(storage, SqliteStorage) else None,
+    from sds.pg_ownership import PgLocks
+
+    locks = PgLocks(database_url, describe=getattr(storage, "where", "the database"))
+    await locks.start()
+    ownership = Ownership(
+        None,
+        storage=None,
+        locks=locks,
         metrics=metrics,
         tasks=tasks,
         handover_grace=handover_grace,
     )
+    locks.on_lost = ownership.lose_all
+    if hasattr(storage, "fence"):
+        storage.fence = lambda store_id: locks.fence(ownership.lease((WS, store_id)))
+    return ownership
 
 
 class Locks(Protocol):

@@ -91,8 +91,11 @@ class Cluster:
         balance: str = "uri",
         server_args: Sequence[str] = (),
         database_url: str | None = None,
+        database_ownership: bool = False,
     ) -> None:
         self.directory = directory
+        self.database_url = database_url if database_ownership else None
+        """Set when ownership lives in the database (the processes share nothing else)."""
         self.persist_dir = directory / "persist"
         self.lock_dir = directory / "locks"
         self.log_dir = directory / "logs"
@@ -101,6 +104,11 @@ class Cluster:
             self.persist_dir.mkdir(parents=True, exist_ok=True)
             storage_args = ["--persist-dir", str(self.persist_dir)]
             self.ownership_dir = self.persist_dir
+        elif database_ownership:
+            # As on separate machines: own working dirs, ownership in the database.
+            self.env["SDS_DATABASE_URL"] = database_url
+            storage_args = ["--database-ownership"]
+            self.ownership_dir = self.lock_dir  # unused: see database_url
         else:
             # Stores in PostgreSQL, ownership in a lock dir of this machine. The URL
             # (with its password) travels in the environment, never on a command line.
@@ -112,10 +120,10 @@ class Cluster:
                 [*storage_args, *server_args],
                 port=free_port(),
                 env=self.env,
-                cwd=directory,
+                cwd=_working_dir(directory / f"machine{i}") if database_ownership else directory,
                 log_dir=self.log_dir,
             )
-            for _ in range(n)
+            for i in range(n)
         ]
         self.names = list(SHIPPED_SERVERS[:n])
         self.frontend_port = free_port()
@@ -273,6 +281,11 @@ class Cluster:
         raise TimeoutError(f"no HAProxy log line for {path}")
 
 
+def _working_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 @contextmanager
 def running_cluster(
     directory: Path,
@@ -281,10 +294,16 @@ def running_cluster(
     balance: str = "uri",
     server_args: Sequence[str] = (),
     database_url: str | None = None,
+    database_ownership: bool = False,
 ) -> Iterator[Cluster]:
     """A started `Cluster`, stopped on exit."""
     cluster = Cluster(
-        directory, n=n, balance=balance, server_args=server_args, database_url=database_url
+        directory,
+        n=n,
+        balance=balance,
+        server_args=server_args,
+        database_url=database_url,
+        database_ownership=database_ownership,
     )
     try:
         yield cluster.start()

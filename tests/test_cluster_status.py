@@ -140,10 +140,10 @@ async def test_cluster_status_with_both_a_persist_dir_and_a_lock_dir_is_a_usage_
     assert one_error_line(result).startswith("sds: lock-dir is for relay-only processes")
 
 
-async def test_cluster_status_with_only_a_database_url_says_it_is_not_supported() -> None:
+async def test_cluster_status_with_an_unreachable_database_says_so_without_the_password() -> None:
     env = clean_env(SDS_DATABASE_URL="postgresql://sds:pw-not-shown@127.0.0.1:1/sds")
     result = await run_sds_async("cluster", "status", env=env)
     assert result.returncode == 2
     line = one_error_line(result)
-    assert "not supported with --database-url" in line
+    assert "cannot connect to PostgreSQL at 127.0.0.1:1/sds" in line
     assert "pw-not-shown" not in result.stderr + result.stdout

@@ -401,3 +401,29 @@ async def test_store_sharing_a_file_with_a_live_store_is_not_handed_over(tmp_pat
                 assert await forwarded.receive(timeout=10) == frame(0, 0)
             await keeper.send(frame(1, 0))
             assert metric(first, "sds_ownership_changes_total", '{reason="handed_over"}') == 0
+
+
+async def test_forwarded_connections_go_to_the_advertised_url(tmp_path: Path) -> None:
+    from tests.helpers import free_port
+
+    stores = tmp_path / "stores"
+    ports = [free_port(), free_port()]
+    with ExitStack() as stack:
+        first, second = (
+            stack.enter_context(
+                spawn_server(
+                    ["--persist-dir", str(stores), "--advertise-url", f"http://localhost:{port}"],
+                    port=port,
+                    cwd=tmp_path,
+                    log_dir=tmp_path / f"p{port}",
+                )
+            )
+            for port in ports
+        )
+        async with StoreClient(first.ws_url, "adv", first.token("adv")) as owner_client:
+            holder = lock_holder(stores / "adv.db")
+            assert holder is not None and holder.url == f"http://localhost:{ports[0]}"
+            async with StoreClient(second.ws_url, "adv", second.token("adv")) as other:
+                await other.send(frame(1, 0))
+                assert await owner_client.receive(timeout=10) == frame(1, 0)
+            assert metric(second, "sds_forwarded_connections_opened_total") == 1

@@ -9,6 +9,7 @@ has removed a dead process, and nothing any peer saw is lost or repeated.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import re
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import pytest
 
 from sds.client import StoreClient
 from sds.cluster import cluster_status
+from sds.pg_ownership import database_status
 from tests.cluster import Cluster, ReconnectingPeer, running_cluster
 
 pytestmark = pytest.mark.slow
@@ -43,12 +45,14 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield running
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "postgresql-machines"])
 def any_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
     """Three processes on SQLite files in a shared persist dir, then on one PostgreSQL
-    database with a shared lock dir."""
-    url = request.getfixturevalue("database_url") if request.param == "postgresql" else None
-    with running_cluster(tmp_path, database_url=url) as running:
+    database with a shared lock dir, then on one PostgreSQL database that holds the
+    ownership too, with nothing else shared (standing in for three machines)."""
+    url = request.getfixturevalue("database_url") if request.param != "sqlite" else None
+    machines = request.param == "postgresql-machines"
+    with running_cluster(tmp_path, database_url=url, database_ownership=machines) as running:
         yield running
 
 
@@ -138,8 +142,13 @@ async def check_nothing_lost(cluster: Cluster, traffic: Traffic) -> None:
 
 
 def owners(cluster: Cluster) -> dict[str, str | None]:
-    """The URL of the process holding each store file (from the lock records)."""
-    status = cluster_status(cluster.ownership_dir)
+    """The URL of the process holding each store (from the lock records, or the database)."""
+    if cluster.database_url is not None:
+        url = cluster.database_url
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            status = pool.submit(asyncio.run, database_status(url)).result(timeout=30)
+    else:
+        status = cluster_status(cluster.ownership_dir)
     return {store.store: process.url for process in status.processes for store in process.stores}
 
 
@@ -151,10 +160,14 @@ def forwarded_open(cluster: Cluster, index: int) -> float:
     return float(match.group(1))
 
 
+@pytest.mark.parametrize("ownership", ["persist-dir", "database"])
 async def test_never_split_with_round_robin_every_client_of_a_store_gets_every_frame(
-    tmp_path: Path,
+    tmp_path: Path, request: pytest.FixtureRequest, ownership: str
 ) -> None:
-    with running_cluster(tmp_path, balance="roundrobin") as cluster:
+    url = request.getfixturevalue("database_url") if ownership == "database" else None
+    with running_cluster(
+        tmp_path, balance="roundrobin", database_url=url, database_ownership=url is not None
+    ) as cluster:
         store_id = "shared-doc"
         clients = [
             StoreClient(cluster.ws_url, store_id, cluster.token(store_id, sub=f"u{i}"))

@@ -9,9 +9,16 @@ import sds
 
 PACKAGE = Path(sds.__file__).parent
 CONCRETE = ("sds.backends.sqlite", "sds.backends.postgres")
-MAY_IMPORT_SQLITE = {"maintenance.py", "backup.py", "ownership.py", "cluster.py"}
+MAY_IMPORT_SQLITE = {
+    "maintenance.py",
+    "backup.py",
+    "ownership.py",
+    "pg_ownership.py",
+    "cluster.py",
+}
 """Maintenance and backup work on SQLite store files on disk (as does the CLI, in sds/cli);
-ownership on one machine is the lock files' flock and records, which cluster status reads."""
+ownership uses the lock records (on one machine, the lock files' flock), which cluster
+status reads."""
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -131,6 +131,8 @@ SELECT substring(data from $3 for $4) FROM blobs
 WHERE store_id = $1 AND hash = $2 AND xmin::text = $5
 """
 """One piece of a value (``$3`` counts from 1); no row when the value was overwritten since."""
+FENCE = "SELECT epoch FROM sds_owners WHERE lock_key = 'ws:' || $1 AND instance = $2 FOR SHARE"
+"""The lease of a store (sds.pg_ownership), read in the commit's transaction."""
 HISTORY_PAGE_ROWS = 512
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 60.0
@@ -272,16 +274,27 @@ class PgStore:
         self._writing = commit.size
         try:
             async with self._io, storage.connection(quiet=True) as conn:
-                if self.clock is None:
-                    self.clock = int(await conn.fetchval(MAX_CLOCK, self.store_id) or 0)
-                ops = commit.ops
-                if len(ops) == 1 and isinstance(ops[0], PatchRun):
-                    payloads = ops[0].payloads
-                    await conn.execute(INSERT_PATCHES, self.store_id, self.clock, payloads)
-                    clock = self.clock + len(payloads)
-                else:
-                    clock, args = self._statement_args(ops, self.clock)
-                    await conn.execute(COMMIT, self.store_id, *args)
+                lease = None if storage.fence is None else storage.fence(self.store_id)
+                if storage.fence is not None and lease is None:
+                    raise StorageError("this server does not own the store (any more)")
+                async with contextlib.AsyncExitStack() as fenced:
+                    if lease is not None:
+                        # The lease row is read FOR SHARE in the commit's transaction: a
+                        # server that lost the store never commits into it again.
+                        await fenced.enter_async_context(conn.transaction())
+                        epoch = await conn.fetchval(FENCE, lease[0], lease[1])
+                        if epoch != lease[2]:
+                            raise StorageError("this server does not own the store any more")
+                    if self.clock is None:
+                        self.clock = int(await conn.fetchval(MAX_CLOCK, self.store_id) or 0)
+                    ops = commit.ops
+                    if len(ops) == 1 and isinstance(ops[0], PatchRun):
+                        payloads = ops[0].payloads
+                        await conn.execute(INSERT_PATCHES, self.store_id, self.clock, payloads)
+                        clock = self.clock + len(payloads)
+                    else:
+                        clock, args = self._statement_args(ops, self.clock)
+                        await conn.execute(COMMIT, self.store_id, *args)
         except Exception as exc:  # whatever the cause, a commit that did not succeed failed
             # The outcome is unknown when the connection broke after sending: read the
             # clock again before the next commit instead of guessing it.
@@ -471,6 +484,9 @@ class PgStorage:
         self._failures: dict[str, str] = {}
         self._probe: asyncio.Task[None] | None = None
         self._closers: set[asyncio.Task[None]] = set()
+        self.fence: Callable[[str], tuple[str, str, int] | None] | None = None
+        """Set when ownership lives in this database (sds.pg_ownership): the lease a
+        commit of a store must still hold, (store id, instance, epoch); None: not owned."""
 
     def __repr__(self) -> str:
         return f"PgStorage({self.where})"

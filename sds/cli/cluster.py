@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from sds.cli.options import ConfigFailure, config_from, fail, print_table, setting_options
 from sds.cli.store import json_option
+
+if TYPE_CHECKING:
+    from sds.cluster import ClusterStatus
 
 
 @click.group()
@@ -18,18 +21,21 @@ def cluster() -> None:
 
 @cluster.command("status")
 @json_option
-@setting_options("persist_dir", "lock_dir", secret=False)
+@setting_options("persist_dir", "lock_dir", "database_url", secret=False)
 def cluster_status_command(as_json: bool, **options: Any) -> None:
     """Show the live processes of a persist dir (or lock dir), their URLs and stores.
 
     Read from the lock files: a process is alive while it holds its server record,
-    and owns a store (or signalling room) while it holds its lock. Nothing is
-    written. Exit 1 when no process is alive.
+    and owns a store (or signalling room) while it holds its lock. With
+    --database-url (servers run with --database-ownership), read from the
+    database's lease rows and advisory locks. Nothing is written. Exit 1 when no
+    process is alive.
 
     \b
     Examples:
       sds cluster status --persist-dir /var/lib/sds
       sds cluster status --lock-dir /run/sds          # relay-only processes
+      sds cluster status                              # SDS_DATABASE_URL set
       sds cluster status --json | jq '.processes[] | {url, stores: [.stores[].store]}'
     """
     from sds.cluster import ClusterError, cluster_status
@@ -37,10 +43,19 @@ def cluster_status_command(as_json: bool, **options: Any) -> None:
     config = config_from(options, require_secret=False)
     directory = config.lock_dir if config.persist_dir is None else config.persist_dir
     if directory is None and config.database_url is not None:
-        raise ConfigFailure(
-            "cluster status is not supported with --database-url yet: it reads ownership "
-            "from lock files; give the --lock-dir the servers share, if they use one"
-        )
+        import asyncio
+
+        from sds.backends.postgres import describe
+        from sds.pg_ownership import database_status
+
+        try:
+            status = asyncio.run(
+                database_status(config.database_url, describe(config.database_url))
+            )
+        except ClusterError as exc:
+            raise ConfigFailure(str(exc)) from None
+        _show(status, as_json)
+        return
     if directory is None:
         raise ConfigFailure(
             "no persist dir or lock dir: set --persist-dir (SDS_PERSIST_DIR) "
@@ -50,6 +65,11 @@ def cluster_status_command(as_json: bool, **options: Any) -> None:
         status = cluster_status(directory)
     except ClusterError as exc:
         raise ConfigFailure(str(exc)) from None
+    _show(status, as_json)
+
+
+def _show(status: ClusterStatus, as_json: bool) -> None:
+    where = status.persist_dir
     if as_json:
         click.echo(json.dumps(status.as_json(), indent=2))
     else:
@@ -69,7 +89,7 @@ def cluster_status_command(as_json: bool, **options: Any) -> None:
         print_table(
             ("url", ("pid", "right"), "instance", ("stores", "right"), "owns (stores, rooms)"),
             rows,
-            title=f"{directory}: {len(status.processes)} process(es) alive",
+            title=f"{where}: {len(status.processes)} process(es) alive",
         )
     if not status.alive:
-        fail(f"no sds process is serving {directory}")
+        fail(f"no sds process is serving {where}")

@@ -1,0 +1,254 @@
+"""Several servers on one PostgreSQL (standing in for several machines) never split a store.
+
+Each server has its own working directory and shares nothing but the database;
+ownership is a lease row plus an advisory lock per store (--database-ownership).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from sds.client import ClientClosed, StoreClient
+from tests.helpers import ServerProcess, clean_env, run_sds, spawn_server
+from tests.test_ownership import (
+    assert_every_frame_exchanged,
+    eventually,
+    frame,
+    metric,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@contextmanager
+def pg_servers(tmp_path: Path, database_url: str, count: int) -> Iterator[list[ServerProcess]]:
+    args = ["--database-url", database_url, "--database-ownership", "--handover-grace", "0.5"]
+    with ExitStack() as stack:
+        servers = []
+        for i in range(count):
+            home = tmp_path / f"machine{i}"
+            home.mkdir()
+            servers.append(stack.enter_context(spawn_server(args, cwd=home)))
+        yield servers
+
+
+async def owner_of(database_url: str, store_id: str) -> tuple[Any, ...] | None:
+    """(instance, url, epoch) of a store's lease row."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT instance, url, epoch FROM sds_owners WHERE lock_key = $1", "ws:" + store_id
+        )
+    finally:
+        await conn.close()
+    return None if row is None else tuple(row)
+
+
+async def test_servers_sharing_a_database_never_split_a_store(
+    tmp_path: Path, database_url: str
+) -> None:
+    with pg_servers(tmp_path, database_url, 3) as servers:
+        await assert_every_frame_exchanged(servers, "shared")
+        forwarded = [metric(s, "sds_forwarded_connections_opened_total") for s in servers]
+        assert sorted(forwarded) == [0.0, 2.0, 2.0]
+        joiner = StoreClient(servers[2].ws_url, "shared", servers[2].token("shared"))
+        async with joiner:
+            history = await joiner.receive_all(window=1.0)
+            # sds cluster status reads the owners from the database.
+            env = clean_env(SDS_DATABASE_URL=database_url)
+            result = await asyncio.to_thread(run_sds, "cluster", "status", "--json", env=env)
+        assert len(history) == 600
+        assert result.returncode == 0, result.stderr
+        status = json.loads(result.stdout)
+        assert sorted(p["url"] for p in status["processes"]) == sorted(s.http_url for s in servers)
+        owning = [p for p in status["processes"] if p["stores"]]
+        assert [[s["store"] for s in p["stores"]] for p in owning] == [["shared"]]
+        assert "password" not in result.stdout and database_url not in result.stdout
+
+
+async def test_owner_killed_mid_stream_loses_nothing_and_the_next_owner_gets_a_new_epoch(
+    tmp_path: Path, database_url: str
+) -> None:
+    with pg_servers(tmp_path, database_url, 2) as (owner, other):
+        writer = StoreClient(owner.ws_url, "crash", owner.token("crash", sub="w"))
+        await writer.connect()
+        reader = StoreClient(other.ws_url, "crash", other.token("crash", sub="r"))
+        await reader.connect()
+        first = await owner_of(database_url, "crash")
+        assert first is not None and first[1] == owner.http_url
+        seen: list[bytes] = []
+        closed: list[int | None] = []
+
+        async def stream() -> None:
+            with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError):
+                for n in range(100_000):
+                    await writer.send(frame(0, n))
+                    if n % 20 == 0:
+                        await asyncio.sleep(0.001)
+
+        async def record() -> None:
+            try:
+                while True:
+                    seen.append(await reader.receive(timeout=10))
+            except ClientClosed as exc:
+                closed.append(exc.code)
+
+        streaming = asyncio.create_task(stream())
+        recording = asyncio.create_task(record())
+        async with asyncio.timeout(20):
+            while len(seen) < 500:
+                await asyncio.sleep(0.01)
+        owner.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(owner.wait, 10)
+        await asyncio.wait_for(recording, 15)
+        streaming.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await streaming
+        await writer.close()
+        await reader.close()
+        assert closed == [1012]
+        assert seen == [frame(0, n) for n in range(len(seen))]
+
+        joiner = StoreClient(other.ws_url, "crash", other.token("crash", sub="j"))
+        async with joiner:
+            history = await joiner.receive_all(window=1.0)
+            second = await owner_of(database_url, "crash")
+        assert history[: len(seen)] == seen
+        assert history == [frame(0, n) for n in range(len(history))]
+        assert second is not None and second[1] == other.http_url and second[2] > first[2]
+
+
+async def test_store_with_only_forwarded_clients_moves_to_their_server(
+    tmp_path: Path, database_url: str
+) -> None:
+    with pg_servers(tmp_path, database_url, 2) as (first, second):
+        direct = StoreClient(first.ws_url, "doc", first.token("doc", sub="d"))
+        await direct.connect()
+        moved = StoreClient(second.ws_url, "doc", second.token("doc", sub="m"))
+        await moved.connect()
+        await direct.send(frame(0, 0))
+        assert await moved.receive(timeout=10) == frame(0, 0)
+        await direct.close()
+        assert await moved.wait_closed(timeout=15) == 1012
+        await moved.close()
+        await eventually(first, "sds_ownership_changes_total", '{reason="handed_over"}', 1)
+        async with StoreClient(second.ws_url, "doc", second.token("doc")) as again:
+            assert await again.receive(timeout=10) == frame(0, 0)
+            row = await owner_of(database_url, "doc")
+            assert row is not None and row[1] == second.http_url
+            assert metric(second, "sds_forwarded_connections") == 0
+
+
+async def test_sigterm_hands_stores_over_with_one_reconnect(
+    tmp_path: Path, database_url: str
+) -> None:
+    with pg_servers(tmp_path, database_url, 2) as (owner, other):
+        direct = StoreClient(owner.ws_url, "roll", owner.token("roll", sub="d"))
+        await direct.connect()
+        via = StoreClient(other.ws_url, "roll", other.token("roll", sub="v"))
+        await via.connect()
+        for n in range(50):
+            await direct.send(frame(0, n))
+        for n in range(50):
+            assert await via.receive(timeout=10) == frame(0, n)
+        owner.send_signal(signal.SIGTERM)
+        assert await direct.wait_closed(timeout=15) == 1001
+        assert await via.wait_closed(timeout=15) == 1001
+        await direct.close()
+        await via.close()
+        async with StoreClient(other.ws_url, "roll", other.token("roll")) as again:
+            assert await again.receive_all(window=1.0) == [frame(0, n) for n in range(50)]
+        assert owner.wait(15) == 0
+
+
+async def test_server_cut_off_from_the_database_stops_serving_and_takes_nothing_back(
+    tmp_path: Path, database_url: str
+) -> None:
+    with pg_servers(tmp_path, database_url, 2) as (cut, other):
+        client = StoreClient(cut.ws_url, "part", cut.token("part", sub="c"))
+        await client.connect()
+        await client.send(frame(0, 0))
+        await asyncio.sleep(0.3)
+        before = await owner_of(database_url, "part")
+        assert before is not None and before[1] == cut.http_url
+        # Cut the connection that holds its locks (as a partition would).
+        conn = await asyncpg.connect(database_url)
+        try:
+            terminated = await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name = $1",
+                f"sds-ownership pid {cut.pid}",
+            )
+        finally:
+            await conn.close()
+        assert terminated == 1
+        assert await client.wait_closed(timeout=15) == 1012
+        await client.close()
+        await eventually(cut, "sds_ownership_changes_total", '{reason="lost"}', 1)
+        assert "lost the ownership" in cut.stderr
+        # The store is served by the other server now; the cut-off one, back on the
+        # database, forwards to it instead of taking it back.
+        async with StoreClient(other.ws_url, "part", other.token("part")) as there:
+            assert await there.receive(timeout=10) == frame(0, 0)
+            after = await owner_of(database_url, "part")
+            assert after is not None and after[1] == other.http_url and after[2] > before[2]
+            async with asyncio.timeout(15):
+                while True:
+                    try:
+                        async with StoreClient(cut.ws_url, "part", cut.token("part")) as back:
+                            assert await back.receive(timeout=10) == frame(0, 0)
+                            await back.send(frame(1, 0))
+                            assert await there.receive(timeout=10) == frame(1, 0)
+                        break
+                    except aiohttp.WSServerHandshakeError:
+                        await asyncio.sleep(0.5)  # still reconnecting to the database
+            assert metric(cut, "sds_forwarded_connections_opened_total") >= 1
+
+
+async def test_a_commit_after_another_server_took_the_store_is_refused(database_url: str) -> None:
+    from sds.backends.postgres import PgStorage
+    from sds.backends.sqlite import LockRecord
+    from sds.metrics import Metrics
+    from sds.pg_ownership import PgLocks
+
+    storage = PgStorage(database_url, metrics=Metrics())
+    await storage.start()
+    locks = PgLocks(database_url)
+    await locks.start()
+    try:
+        record = LockRecord(pid=1, instance="0123456789abcdef", url="http://127.0.0.1:9")
+        lease, _previous = await locks.take(("ws", "fenced"), record, 1.0)
+        storage.fence = lambda store_id: locks.fence(lease)
+        store_log = await storage.acquire("fenced")
+        first = store_log.append_patch(b"\x01first")
+        await first.done
+        assert first.ok is True
+        # Another server owns the store now: its lease has a newer epoch.
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(
+                "UPDATE sds_owners SET epoch = epoch + 1, instance = 'fedcba9876543210'"
+                " WHERE lock_key = 'ws:fenced'"
+            )
+            late = store_log.append_patch(b"\x01late")
+            await late.done
+            assert late.ok is False
+            stored = await conn.fetch("SELECT data FROM patches WHERE store_id = 'fenced'")
+            assert [bytes(row["data"]) for row in stored] == [b"first"]
+        finally:
+            await conn.close()
+        storage.release(store_log)
+    finally:
+        locks.close()
+        await storage.close()
