@@ -68,7 +68,7 @@ class Config:
     permessage_deflate: bool = False
     lock_dir: Path | None = None
     handover_grace: float = 2.0
-    database_ownership: bool = False
+    database_ownership: bool = True
     advertise_url: str | None = None
     log_format: str = "text"
     log_level: str = "info"
@@ -101,13 +101,6 @@ class Config:
             ("http://", "https://")
         ):
             raise ConfigError("advertise-url must be an http:// or https:// URL")
-        if self.database_ownership and self.database_url is None:
-            raise ConfigError("database-ownership needs --database-url")
-        if self.database_ownership and self.lock_dir is not None:
-            raise ConfigError(
-                "database-ownership and lock-dir exclude each other: ownership lives "
-                "in the database or in a lock dir"
-            )
         for name in _POSITIVE:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be greater than 0")
@@ -178,6 +171,11 @@ def _parse_bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ConfigError(f"not a yes/no value: {text!r}")
+
+
+def _parse_switch(text: str) -> bool:
+    """on/off given as a value (``--database-ownership off``), for a setting that is on by default."""
+    return _parse_bool(text)
 
 
 def _parse_origins(text: str) -> tuple[str, ...]:
@@ -468,12 +466,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "database_ownership",
         ("SDS_DATABASE_OWNERSHIP",),
-        _parse_bool,
-        "With --database-url: servers on several machines own stores through the "
-        "database (a lease row and an advisory lock per store, every commit fenced by "
-        "the lease's epoch), so a store is never split between them. Off: one server "
-        "per database, or --lock-dir for processes of one machine.",
-        "BOOL",
+        _parse_switch,
+        "With --database-url and no --lock-dir: the servers of one database own its "
+        "stores through it (a lease row and an advisory lock per store, every commit "
+        "fenced by the lease's epoch), so a store is never split between servers on "
+        "several machines. off: a single server per database (one round trip less "
+        "per commit).",
+        "SWITCH",
     ),
     Setting(
         "advertise_url",

@@ -98,7 +98,7 @@ async def ownership_for(
     storage: object,
     *,
     database_url: str | None,
-    database_ownership: bool = False,
+    database_ownership: bool = True,
     metrics: Metrics,
     tasks: Tasks,
     handover_grace: float,
@@ -107,7 +107,7 @@ async def ownership_for(
 
     A persist dir's store files are locked by the SQLite backend itself; relay-only
     processes (or PostgreSQL ones on one machine) take lock files in ``lock_dir``;
-    with ``database_ownership``, PostgreSQL servers own stores in the database
+    otherwise, with ``database_ownership``, PostgreSQL servers own stores in the database
     (sds.pg_ownership). None: a process on its own.
     """
     from sds.backends.sqlite import Storage as SqliteStorage

@@ -123,7 +123,14 @@ class PgLocks:
         conn = await asyncpg.connect(
             self._url,
             timeout=CONNECT_TIMEOUT,
-            server_settings={"application_name": f"sds-ownership pid {os.getpid()}"},
+            server_settings={
+                "application_name": f"sds-ownership pid {os.getpid()}",
+                # A server cut off without a goodbye (a partition) loses its session,
+                # and so its locks, within seconds, not after the system's 2 hours.
+                "tcp_keepalives_idle": "5",
+                "tcp_keepalives_interval": "2",
+                "tcp_keepalives_count": "3",
+            },
         )
         try:
             async with conn.transaction():
@@ -193,6 +200,12 @@ class PgLocks:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
+            if self._conn is None:
+                # Reconnecting (the database was away): wait for it, bounded.
+                if loop.time() >= deadline:
+                    raise StoreLocked("the ownership database is unavailable", None)
+                await asyncio.sleep(0.1)
+                continue
             async with self._io:
                 conn = self._live()
                 if await conn.fetchval("SELECT pg_try_advisory_lock($1)", number):

@@ -107,7 +107,7 @@ class Cluster:
         elif database_ownership:
             # As on separate machines: own working dirs, ownership in the database.
             self.env["SDS_DATABASE_URL"] = database_url
-            storage_args = ["--database-ownership"]
+            storage_args = []  # ownership in the database: the default
             self.ownership_dir = self.lock_dir  # unused: see database_url
         else:
             # Stores in PostgreSQL, ownership in a lock dir of this machine. The URL

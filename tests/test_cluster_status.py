@@ -145,5 +145,5 @@ async def test_cluster_status_with_an_unreachable_database_says_so_without_the_p
     result = await run_sds_async("cluster", "status", env=env)
     assert result.returncode == 2
     line = one_error_line(result)
-    assert "cannot connect to PostgreSQL at 127.0.0.1:1/sds" in line
+    assert "cannot connect to PostgreSQL at postgresql://sds:***@127.0.0.1:1/sds" in line
     assert "pw-not-shown" not in result.stderr + result.stdout

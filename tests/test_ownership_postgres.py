@@ -1,7 +1,8 @@
 """Several servers on one PostgreSQL (standing in for several machines) never split a store.
 
 Each server has its own working directory and shares nothing but the database;
-ownership is a lease row plus an advisory lock per store (--database-ownership).
+ownership is a lease row plus an advisory lock per store (--database-ownership, the
+default with --database-url).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import asyncpg
 import pytest
 
 from sds.client import ClientClosed, StoreClient
-from tests.helpers import ServerProcess, clean_env, run_sds, spawn_server
+from tests.conftest import ServerFactory, start_pg_cluster
+from tests.helpers import TEST_SECRET, ServerProcess, clean_env, run_sds, spawn_server
 from tests.test_ownership import (
     assert_every_frame_exchanged,
     eventually,
@@ -33,13 +35,16 @@ pytestmark = pytest.mark.slow
 
 @contextmanager
 def pg_servers(tmp_path: Path, database_url: str, count: int) -> Iterator[list[ServerProcess]]:
-    args = ["--database-url", database_url, "--database-ownership", "--handover-grace", "0.5"]
+    # The URL (with its password) in the environment, never on a command line.
+    env = clean_env(secret=TEST_SECRET, SDS_DATABASE_URL=database_url)
     with ExitStack() as stack:
         servers = []
         for i in range(count):
             home = tmp_path / f"machine{i}"
             home.mkdir()
-            servers.append(stack.enter_context(spawn_server(args, cwd=home)))
+            servers.append(
+                stack.enter_context(spawn_server(["--handover-grace", "0.5"], env=env, cwd=home))
+            )
         yield servers
 
 
@@ -252,3 +257,33 @@ async def test_a_commit_after_another_server_took_the_store_is_refused(database_
     finally:
         locks.close()
         await storage.close()
+
+
+async def test_database_outage_ends_the_ownership_and_serving_resumes_with_nothing_lost(
+    make_server: ServerFactory, tmp_path: Path
+) -> None:
+    cluster = start_pg_cluster()
+    try:
+        url = cluster.url(cluster.create_database())
+        server = await make_server(database_url=url)
+        writer = await server.connect("outage", sub="writer")
+        reader = await server.connect("outage", scope="read", sub="reader")
+        for n in range(20):
+            await writer.send(frame(0, n))
+        assert [await reader.receive() for _ in range(20)] == [frame(0, n) for n in range(20)]
+        await asyncio.to_thread(cluster.stop, "immediate")
+        # Cut off from the database: no store is served without storage or ownership.
+        assert await reader.wait_closed(timeout=15) in (1011, 1012)
+        assert await writer.wait_closed(timeout=15) in (1011, 1012)
+        await asyncio.to_thread(cluster.start)
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    again = await server.connect("outage", sub="writer-2")
+                    break
+                except aiohttp.WSServerHandshakeError:
+                    await asyncio.sleep(0.2)
+        history = await again.receive_all(window=1.0)
+        assert history == [frame(0, n) for n in range(20)]
+    finally:
+        cluster.destroy()

@@ -89,7 +89,14 @@ async def test_schema_is_created_once_with_its_version(
             database_url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
         )
     }
-    assert tables == {"snapshots", "patches", "blobs", "sds_schema_version"}
+    assert tables == {
+        "snapshots",
+        "patches",
+        "blobs",
+        "sds_schema_version",
+        "sds_owners",
+        "sds_servers",
+    }
     assert await rows(database_url, "SELECT version FROM sds_schema_version") == [(1,)]
 
 
@@ -202,11 +209,14 @@ async def test_values_are_stored_per_store_and_answer_req_value(
 async def test_a_value_is_read_in_pieces_and_an_overwrite_stops_the_reading(
     pg_server: RunningServer,
 ) -> None:
-    from sds.appkeys import STORAGE
+    from sds.appkeys import OWNERSHIP, STORAGE
     from sds.backends.base import BlobChanged
 
     storage: Any = pg_server.app[STORAGE]
     value = bytes(range(256)) * 64
+    ownership = pg_server.app[OWNERSHIP]
+    if ownership is not None:  # commits of a store need its ownership
+        await ownership.claim(("ws", "pieces"))
     store_log = await storage.acquire("pieces")
     try:
         commit = store_log.put_blob(key(7).hex(), value)
@@ -393,7 +403,9 @@ async def test_database_going_away_fails_writes_cleanly_and_serving_resumes_by_i
     make_server: ServerFactory, own_cluster: PgCluster, caplog: pytest.LogCaptureFixture
 ) -> None:
     name = own_cluster.create_database()
-    server = await make_server(database_url=own_cluster.url(name))
+    # The storage side alone: with ownership in the database, an outage also ends
+    # the ownership and every client is closed with 1012 (tests/test_ownership_postgres.py).
+    server = await make_server(database_url=own_cluster.url(name), database_ownership=False)
     writer = await server.connect("outage", sub="writer")
     reader = await server.connect("outage", scope="read", sub="reader")
     for n in range(20):
@@ -459,9 +471,13 @@ async def test_back_to_back_patches_share_group_commits(
 async def test_a_second_server_writing_the_same_store_never_duplicates_a_clock(
     make_server: ServerFactory, database_url: str
 ) -> None:
-    """Two servers on one store: a clock collision fails that commit (1011), nothing is lost silently."""
-    one = await make_server(database_url=database_url)
-    two = await make_server(database_url=database_url)
+    """Two servers on one store: a clock collision fails that commit (1011), nothing is lost silently.
+
+    The safety net under ownership: with --database-ownership off nothing keeps two
+    servers from writing one store, and still no clock is taken twice.
+    """
+    one = await make_server(database_url=database_url, database_ownership=False)
+    two = await make_server(database_url=database_url, database_ownership=False)
     first = await one.connect("shared", sub="one")
     reader_one = await one.connect("shared", scope="read", sub="r1")
     await first.send(patch(1))  # clock 1; server one now counts from 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -46,11 +45,12 @@ def cluster_status_command(as_json: bool, **options: Any) -> None:
     if directory is None and config.database_url is not None:
         import asyncio
 
+        from sds.config import redacted_url
         from sds.pg_ownership import database_status
 
         try:
             status = asyncio.run(
-                database_status(config.database_url, database_place(config.database_url))
+                database_status(config.database_url, redacted_url(config.database_url))
             )
         except ClusterError as exc:
             raise ConfigFailure(str(exc)) from None
@@ -66,22 +66,6 @@ def cluster_status_command(as_json: bool, **options: Any) -> None:
     except ClusterError as exc:
         raise ConfigFailure(str(exc)) from None
     _show(status, as_json)
-
-
-def database_place(url: str) -> str:
-    """``host:port/db`` of a database URL, for messages: never its user or password.
-
-    Here rather than taken from the PostgreSQL backend, which the CLI does not import.
-    """
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname or "localhost"
-        port = parts.port or 5432
-    except ValueError:
-        return "the configured database"
-    host = urllib.parse.parse_qs(parts.query).get("host", [host])[0]
-    database = parts.path.lstrip("/") or parts.username or "postgres"
-    return f"{host}:{port}/{database}"
 
 
 def _show(status: ClusterStatus, as_json: bool) -> None:
