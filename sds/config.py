@@ -450,9 +450,10 @@ SETTINGS: tuple[Setting, ...] = (
         "lock_dir",
         ("SDS_LOCK_DIR",),
         Path,
-        "Relay only: directory where the processes of one machine take a lock per store "
-        "(and per signalling room); the holder owns it and the others forward its clients "
-        "there. A server with a persist dir uses its persist dir. Unset: no ownership.",
+        "Without a persist dir (relay only, or stores in PostgreSQL on one machine): "
+        "directory where the processes of one machine take a lock per store (and per "
+        "signalling room); the holder owns it and the others forward its clients there. "
+        "A server with a persist dir uses its persist dir.",
         "DIR",
     ),
     Setting(

@@ -1,9 +1,11 @@
-"""Which process owns a store: on one machine, the holder of the store's lock file.
+"""Which process owns a store: the holder of the store's lock.
 
 Several sds processes of one machine share a lock directory: a server's persist
-dir (the store file's own lock, taken by ``sds.backends.sqlite``), or ``--lock-dir`` for
-relay-only processes. The process holding a store's lock owns the store; its lock
-record (``sds.backends.sqlite.LockRecord``) says where it is reached. Signalling rooms are
+dir (the store file's own lock, taken by ``sds.backends.sqlite``), or ``--lock-dir``
+for processes without one. The process holding a store's lock owns the store; its
+lock record (``sds.backends.sqlite.LockRecord``) says where it is reached.
+Servers on several machines keep the locks in their PostgreSQL database instead
+(``sds.pg_ownership``, behind the same ``Locks`` interface). Signalling rooms are
 owned the same way, by a lock of their own (``<name>.signal.lock``), so the peers
 of one room never split either.
 
