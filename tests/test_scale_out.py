@@ -268,6 +268,53 @@ async def test_failback_stores_return_to_the_process_the_proxy_routes_them_to(
             assert not peer.failed_connects, (peer.store_id, peer.failed_connects)
 
 
+async def test_failback_a_new_client_brings_each_store_back_with_its_old_clients(
+    cluster: Cluster,
+) -> None:
+    """The interim owner of a killed process's store hands it back, old clients
+    included, once a client of it comes through the restarted process."""
+    stores = [f"doc-{i:02d}" for i in range(STORES)]
+    victim = 2
+    async with Traffic(cluster, stores) as traffic:
+        await traffic.wait_all_seen_beyond(dict.fromkeys(stores, 3))
+        cluster.sigkill(victim)
+        await cluster.wait_proxy_sees_async(victim, up=False)
+        await traffic.wait_all_seen_beyond(dict(traffic.sent))
+        await asyncio.to_thread(cluster.restart, victim)
+        await cluster.wait_proxy_sees_async(victim, up=True)
+        routes = await asyncio.to_thread(
+            lambda: {s: cluster.processes[cluster.routed_to(f"/ws/{s}")].http_url for s in stores}
+        )
+        victim_url = cluster.processes[victim].http_url
+        assert victim_url in routes.values()
+        newcomers = [
+            ReconnectingPeer(cluster.ws_url, s, cluster.token(s, scope="read"), delay=0.2).start()
+            for s in stores
+        ]
+        try:
+            back_at = time.monotonic()
+            while True:
+                held = owners(cluster)
+                wrong = {s: held.get(s) for s in stores if held.get(s) != routes[s]}
+                if not wrong or time.monotonic() - back_at > 10:
+                    break
+                await asyncio.sleep(0.2)
+            assert not wrong, f"not served where HAProxy routes them within 10 s: {wrong}"
+            # No permanent extra hop, and the stores still relay to their old clients.
+            async with asyncio.timeout(10):
+                while [forwarded_open(cluster, i) for i in range(3)] != [0, 0, 0]:
+                    await asyncio.sleep(0.2)
+            await traffic.wait_all_seen_beyond(dict(traffic.sent))
+            await traffic.stop_writing()
+            await asyncio.sleep(0.5)
+            await check_nothing_lost(cluster, traffic)
+        finally:
+            await asyncio.gather(*(peer.stop() for peer in newcomers))
+        # No 503 loop: first connect, one after the kill, one after the handover.
+        for peer in (*traffic.writers.values(), *traffic.listeners.values(), *newcomers):
+            assert peer.connects <= 3, (peer.store_id, peer.close_codes, peer.failed_connects)
+
+
 async def test_sigterm_hands_stores_to_the_others_with_one_reconnect_and_nothing_lost(
     any_cluster: Cluster,
 ) -> None:
