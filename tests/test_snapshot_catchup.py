@@ -85,3 +85,40 @@ def test_held_messages_split_back_into_the_frames_they_were_encoded_from() -> No
     spans = server_frame_spans(buffer)
     assert [buffer[body:end] for _start, body, end in spans] == payloads
     assert b"".join(buffer[start:end] for start, _body, end in spans) == buffer
+
+
+async def test_joiners_arriving_during_a_stream_of_values_receive_each_frame_once_in_order(
+    make_server: ServerFactory, storage_options: dict[str, Any]
+) -> None:
+    """Joins interleaved with commits in every way the event loop happens to order them.
+
+    Each joiner's frames are a part of what was sent, in order, none twice, and
+    everything from the last VALUE it received on (a VALUE replaces the state).
+    """
+    server = await make_server(value_mode="snapshot", **storage_options)
+    writer = await server.connect("stream")
+    sent = [value(b"%d" % n) if n % 7 == 3 else patch(n) for n in range(600)]
+    joiners: list[StoreClient] = []
+
+    async def write() -> None:
+        for n, frame in enumerate(sent):
+            await writer.send(frame)
+            if n % 5 == 0:
+                await asyncio.sleep(0)  # lets joiners in between writes (no waiting on them)
+
+    async def join() -> None:
+        for n in range(30):
+            joiners.append(await server.connect("stream", scope="read", sub=f"joiner-{n}"))
+
+    await asyncio.gather(write(), join())
+    end = patch(100_000)
+    await writer.send(end)
+    sent.append(end)
+    position = {frame: index for index, frame in enumerate(sent)}
+    for joiner in joiners:
+        received = [position[frame] for frame in await receive_through(joiner, end, most=700)]
+        assert len(set(received)) == len(received), "a frame twice"
+        assert received == sorted(received), "frames out of order"
+        values = [index for index in received if sent[index][0] == 2]
+        start = values[-1] if values else 0
+        assert [index for index in received if index >= start] == list(range(start, len(sent)))
