@@ -25,7 +25,15 @@ from aiohttp import web
 from sds.appkeys import TASKS
 from sds.background import Tasks, spawn
 from sds.metrics import Metrics
-from sds.protocol import binary_frame_header, encode_server_frame
+from sds.protocol import (
+    BINARY_FIN,
+    KEY_BYTES,
+    PATCH,
+    VALUE,
+    binary_frame_header,
+    encode_server_frame,
+    server_frame_spans,
+)
 
 if TYPE_CHECKING:
     from sds.config import Config
@@ -198,6 +206,39 @@ class Client:
         """Keep live frames back (while the stored history is replayed first)."""
         self._held = []
         self._held_bytes = 0
+
+    def drop_held_through_value(self, payload: bytes) -> None:
+        """Forget the held PATCH and VALUE frames up to the last VALUE carrying ``payload``.
+
+        Catch-up in ``--value-mode snapshot`` ended with this snapshot, read after
+        the join: the held writes up to its VALUE are what it replaced (other held
+        frames stay, in order). Nothing is dropped when no held VALUE carries it.
+        """
+        held = self._held
+        if not held:
+            return
+        frames = []  # (type byte of a binary message or -1, the message's bytes, payload)
+        for buffer in held:
+            for start, body, end in server_frame_spans(buffer):
+                binary = buffer[start] == BINARY_FIN and body < end
+                kind = buffer[body] if binary else -1
+                if kind == VALUE and end - body <= 1 + KEY_BYTES:
+                    kind = -1  # a VALUE without a value is relayed, never stored
+                frames.append((kind, buffer, start, body, end))
+        last = -1
+        for index, (kind, buffer, _start, body, end) in enumerate(frames):
+            if kind == VALUE and buffer[body + 1 : end] == payload:
+                last = index
+        if last < 0:
+            return
+        kept = [
+            buffer[start:end]
+            for index, (kind, buffer, start, _body, end) in enumerate(frames)
+            if index > last or kind not in (PATCH, VALUE)
+        ]
+        self._held = [b"".join(kept)] if kept else []
+        self._held_bytes = len(self._held[0]) if kept else 0
+        self._held_frames = len(kept)
 
     def release(self) -> None:
         """Send the frames held back during catch-up, then go live."""

@@ -119,6 +119,8 @@ _LEN1 = struct.Struct("!BB")
 _LEN2 = struct.Struct("!BBH")
 _LEN3 = struct.Struct("!BBQ")
 _BINARY_FIN = 0x82
+BINARY_FIN = _BINARY_FIN
+"""The first header byte of a binary message (FIN, opcode 2)."""
 _TEXT_FIN = 0x81
 
 
@@ -152,6 +154,28 @@ def _frame_header(length: int, first: int) -> bytes:
 
 
 _BINARY_HEADERS = tuple(_frame_header(length, _BINARY_FIN) for length in range(126))
+
+
+def server_frame_spans(buffer: bytes) -> list[tuple[int, int, int]]:
+    """(start, payload start, end) of each message in a buffer of encoded server frames.
+
+    The inverse of ``encode_server_frame(s)``: unmasked, unfragmented messages back
+    to back, as a client's held-back frames are kept.
+    """
+    spans = []
+    at, end = 0, len(buffer)
+    while at < end:
+        length = buffer[at + 1] & 0x7F
+        payload = at + 2
+        if length == 126:
+            length = int.from_bytes(buffer[payload : payload + 2], "big")
+            payload += 2
+        elif length == 127:
+            length = int.from_bytes(buffer[payload : payload + 8], "big")
+            payload += 8
+        spans.append((at, payload, payload + length))
+        at = payload + length
+    return spans
 
 
 def binary_frame_header(length: int) -> bytes:

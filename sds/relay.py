@@ -14,7 +14,9 @@ a client's socket side (its bounded buffer, accepting, closing) is
   of frames is the order the server received them.
 * Catch-up without a seam. A joining client is added to the store at once but
   holds live frames back while the stored history up to the last relayed
-  clock is replayed to it; then the held frames follow.
+  clock is replayed to it; then the held frames follow. When the history ends
+  with a snapshot that a VALUE committed after the join wrote (``--value-mode
+  snapshot``), the held writes up to that VALUE are dropped: the joiner has them.
 
 Memory is bounded in bytes: what waits for its commit (per store and in all
 stores together; writers are not read past it), and catch-up pages (per joiner
@@ -30,7 +32,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sds.backends.base import StorageError
+from sds.backends.base import VALUE_PREFIX, StorageError
 from sds.background import Tasks
 from sds.budget import ByteBudget, PendingBytes
 from sds.connections import CLOSE_INTERNAL_ERROR, CLOSE_TRY_AGAIN_LATER, Client, Flusher
@@ -420,12 +422,20 @@ class Relay:
                 self.metrics.catchup_bytes = self.catchup.used
 
         history = store.log.history(upto, page_bytes=self.catchup_page_bytes, reserve=reserve)
+        # The snapshot, when it was the last frame of the history (no patch after it).
+        snapshot: bytes | None = None
         try:
             async with contextlib.aclosing(history):
                 async for page in history:
                     if client.gone():
                         break
                     await client.send_history(page)
+                    prefix, data = page[-1]
+                    snapshot = data if prefix == VALUE_PREFIX else None
+            if snapshot is not None:
+                # A VALUE that committed after the join replaced the snapshot before it
+                # was read: the joiner has it already, with the writes it superseded.
+                client.drop_held_through_value(snapshot)
         except StorageError as exc:
             log.error("store %s: catch-up failed: %s", store.store_id, exc)
             client.close(CLOSE_INTERNAL_ERROR, "storage failure")

@@ -62,6 +62,12 @@ async def receive_count(client: StoreClient, count: int, timeout: float = 20.0) 
     return frames
 
 
+async def until_live(writer: StoreClient, reader: StoreClient) -> None:
+    """Return once ``reader``'s catch-up is over: it receives a presence frame sent now."""
+    await writer.send(b"\x04live")
+    assert await reader.receive() == b"\x04live"
+
+
 @pytest.fixture
 async def pg_server(make_server: ServerFactory, database_url: str) -> RunningServer:
     return await make_server(database_url=database_url, store_close_grace=0.2)
@@ -242,6 +248,7 @@ async def test_snapshot_mode_replaces_the_snapshot_and_prunes_older_patches(
     server = await make_server(database_url=database_url, value_mode="snapshot")
     writer = await server.connect("snap")
     reader = await server.connect("snap", scope="read")
+    await until_live(writer, reader)
     for n in range(3):
         await writer.send(patch(n))
     await writer.send(b"\x02" + key(7) + b"state one")
@@ -268,6 +275,7 @@ async def test_snapshot_within_one_group_commit_supersedes_the_patches_before_it
     server = await make_server(database_url=database_url, value_mode="snapshot")
     writer = await server.connect("group")
     reader = await server.connect("group", scope="read")
+    await until_live(writer, reader)  # a reader still catching up reads the snapshot instead
     burst = [patch(0), patch(1), b"\x02" + key(3) + b"after two", patch(2)]
     for frame in burst:
         await writer.send(frame)  # sent back to back: usually one group commit

@@ -242,16 +242,21 @@ class PgHistory:
     (catch-up), or the one connection of a transaction (compaction's check).
     """
 
-    __slots__ = ("connect", "store_id")
+    __slots__ = ("commits", "connect", "store_id")
     page_rows = 2048
     """Reads of a page hold no lock the commits need, but each costs two round trips:
     pages of many small patches (the byte bound still applies) keep catch-up fast."""
 
     def __init__(
-        self, connect: Callable[[], contextlib.AbstractAsyncContextManager[Any]], store_id: str
+        self,
+        connect: Callable[[], contextlib.AbstractAsyncContextManager[Any]],
+        store_id: str,
+        commits: asyncio.Lock | None = None,
     ) -> None:
         self.connect = connect
         self.store_id = store_id
+        self.commits = commits
+        """The store's commit lock (catch-up): the snapshot is read between commits."""
 
     @classmethod
     def of_connection(cls, conn: Any, store_id: str) -> PgHistory:
@@ -265,7 +270,9 @@ class PgHistory:
         return None if size is None else int(size)
 
     async def read_snapshot(self) -> tuple[bytes, int] | None:
-        async with self.connect() as conn:
+        # Between commits, as on SQLite: a snapshot this read sees is from a commit
+        # whose frames were relayed (held for a joiner) before the read returns.
+        async with self.commits or contextlib.nullcontext(), self.connect() as conn:
             row = await conn.fetchrow(
                 "SELECT data, clock FROM snapshots WHERE store_id = $1", self.store_id
             )
@@ -296,6 +303,11 @@ class PgStore:
         self._writing = 0
         self._committer: asyncio.Task[None] | None = None
         self._io = asyncio.Lock()
+
+    @property
+    def commits(self) -> asyncio.Lock:
+        """Held by each commit (and maintenance): a read that takes it sees no commit half-relayed."""
+        return self._io
 
     def queued_writes(self) -> int:
         return self._writing + (self._next.size if self._next is not None else 0)
@@ -499,7 +511,7 @@ class PgStoreLog:
 
         Each read takes a pooled connection for that query alone.
         """
-        source = PgHistory(self.store.storage.connection, self.store_id)
+        source = PgHistory(self.store.storage.connection, self.store_id, self.store.commits)
         return joiner_pages(source, upto, page_bytes=page_bytes, reserve=reserve)
 
     def paused(self) -> contextlib.AbstractAsyncContextManager[object]:
