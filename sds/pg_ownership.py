@@ -4,8 +4,8 @@ Every server keeps one dedicated connection (outside the storage pool). Owning a
 store (or a signalling room) is holding a session advisory lock on it on that
 connection; the lease row ``sds_owners`` says who (instance, URL, pid) and
 carries an epoch that grows with every new owner. Every commit of the store
-checks, in its own transaction, that the row still names this server with the
-epoch it took (``FOR SHARE``, so a takeover waits for the commit): a server that
+checks, in the statement that writes it, that the row still names this server
+with the epoch it took (``FOR SHARE``, so a takeover waits for the commit): a server that
 lost its ownership can never commit into the store again.
 
 The lock is the truth about whether a store is owned: PostgreSQL drops a

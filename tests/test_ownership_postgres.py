@@ -259,6 +259,55 @@ async def test_a_commit_after_another_server_took_the_store_is_refused(database_
         await storage.close()
 
 
+async def test_a_value_commit_after_another_server_took_the_store_writes_nothing(
+    database_url: str,
+) -> None:
+    from sds.backends.postgres import PgStorage
+    from sds.backends.sqlite import LockRecord
+    from sds.metrics import Metrics
+    from sds.pg_ownership import PgLocks
+
+    storage = PgStorage(database_url, metrics=Metrics())
+    await storage.start()
+    locks = PgLocks(database_url)
+    await locks.start()
+    try:
+        record = LockRecord(pid=1, instance="0123456789abcdef", url="http://127.0.0.1:9")
+        lease, _previous = await locks.take(("ws", "fenced-value"), record, 1.0)
+        storage.fence = lambda store_id: locks.fence(lease)
+        store_log = await storage.acquire("fenced-value")
+        store_log.append_patch(b"\x01before")
+        first = store_log.put_blob("a" * 64, b"first value")
+        await first.done
+        assert first.ok is True
+        conn = await asyncpg.connect(database_url)
+        try:
+            # A takeover: the lease row names another server with a newer epoch.
+            await conn.execute(
+                "UPDATE sds_owners SET epoch = epoch + 1, instance = 'fedcba9876543210'"
+                " WHERE lock_key = 'ws:fenced-value'"
+            )
+            store_log.append_patch(b"\x01late")
+            late = store_log.put_blob("b" * 64, b"late value")
+            overwrite = store_log.put_blob("a" * 64, b"overwritten")
+            await late.done
+            assert late.ok is False and overwrite.ok is False
+            patches = await conn.fetch(
+                "SELECT data FROM patches WHERE store_id = 'fenced-value' ORDER BY clock"
+            )
+            assert [bytes(row["data"]) for row in patches] == [b"before"]
+            blobs = await conn.fetch("SELECT hash, data FROM blobs WHERE store_id = 'fenced-value'")
+            assert [(row["hash"], bytes(row["data"])) for row in blobs] == [
+                ("a" * 64, b"first value")
+            ]
+        finally:
+            await conn.close()
+        storage.release(store_log)
+    finally:
+        locks.close()
+        await storage.close()
+
+
 async def test_database_outage_ends_the_ownership_and_serving_resumes_with_nothing_lost(
     make_server: ServerFactory, tmp_path: Path
 ) -> None:

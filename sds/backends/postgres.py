@@ -132,8 +132,54 @@ SELECT substring(data from $3 for $4) FROM blobs
 WHERE store_id = $1 AND hash = $2 AND xmin::text = $5
 """
 """One piece of a value (``$3`` counts from 1); no row when the value was overwritten since."""
-FENCE = "SELECT epoch FROM sds_owners WHERE lock_key = 'ws:' || $1 AND instance = $2 FOR SHARE"
-"""The lease of a store (sds.pg_ownership), read in the commit's transaction."""
+LEASE = """
+lease AS (
+    SELECT FROM sds_owners
+    WHERE lock_key = 'ws:' || $1 AND instance = $%d AND epoch = $%d
+    FOR SHARE
+)"""
+"""The lease of a store (sds.pg_ownership), still held by this server with its epoch.
+
+Read ``FOR SHARE`` by the commit's own statement: a takeover (which updates the
+row) waits until the commit is done, and a commit after a takeover finds no row."""
+FENCED_INSERT_PATCHES = (
+    "WITH"
+    + LEASE % (4, 5)
+    + """, new_patches AS (
+    INSERT INTO patches (store_id, clock, data)
+    SELECT $1, $2::bigint + n, d FROM unnest($3::bytea[]) WITH ORDINALITY AS t(d, n)
+    WHERE EXISTS (SELECT FROM lease)
+)
+SELECT EXISTS (SELECT FROM lease)
+"""
+)
+"""INSERT_PATCHES with the lease check in the same statement (one round trip): it
+writes only while the lease holds, and answers whether it held."""
+FENCED_COMMIT = (
+    "WITH"
+    + LEASE % (8, 9)
+    + """, new_patches AS (
+    INSERT INTO patches (store_id, clock, data)
+    SELECT $1, c, d FROM unnest($2::bigint[], $3::bytea[]) AS t(c, d)
+    WHERE EXISTS (SELECT FROM lease)
+), new_blobs AS (
+    INSERT INTO blobs (store_id, hash, data, ref_count)
+    SELECT $1, h, d, 1 FROM unnest($4::text[], $5::bytea[]) AS t(h, d)
+    WHERE EXISTS (SELECT FROM lease)
+    ON CONFLICT (store_id, hash) DO UPDATE SET data = excluded.data
+), new_snapshot AS (
+    INSERT INTO snapshots (store_id, data, clock)
+    SELECT $1, $6::bytea, $7::bigint WHERE $6::bytea IS NOT NULL AND EXISTS (SELECT FROM lease)
+    ON CONFLICT (store_id) DO UPDATE SET data = excluded.data, clock = excluded.clock
+), pruned AS (
+    DELETE FROM patches
+    WHERE store_id = $1 AND $6::bytea IS NOT NULL AND clock <= $7::bigint
+      AND EXISTS (SELECT FROM lease)
+)
+SELECT EXISTS (SELECT FROM lease)
+"""
+)
+"""COMMIT with the lease check in the same statement, as FENCED_INSERT_PATCHES."""
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 60.0
 PROBE_SECONDS = 0.5
@@ -364,24 +410,23 @@ class PgStore:
                 lease = None if storage.fence is None else storage.fence(self.store_id)
                 if storage.fence is not None and lease is None:
                     raise StorageError("this server does not own the store (any more)")
-                async with contextlib.AsyncExitStack() as fenced:
-                    if lease is not None:
-                        # The lease row is read FOR SHARE in the commit's transaction: a
-                        # server that lost the store never commits into it again.
-                        await fenced.enter_async_context(conn.transaction())
-                        epoch = await conn.fetchval(FENCE, lease[0], lease[1])
-                        if epoch != lease[2]:
-                            raise StorageError("this server does not own the store any more")
-                    if self.clock is None:
-                        self.clock = int(await conn.fetchval(MAX_CLOCK, self.store_id) or 0)
-                    ops = commit.ops
-                    if len(ops) == 1 and isinstance(ops[0], PatchRun):
-                        payloads = ops[0].payloads
-                        await conn.execute(INSERT_PATCHES, self.store_id, self.clock, payloads)
-                        clock = self.clock + len(payloads)
-                    else:
-                        clock, args = self._statement_args(ops, self.clock)
-                        await conn.execute(COMMIT, self.store_id, *args)
+                if self.clock is None:
+                    self.clock = int(await conn.fetchval(MAX_CLOCK, self.store_id) or 0)
+                ops = commit.ops
+                if len(ops) == 1 and isinstance(ops[0], PatchRun):
+                    payloads = ops[0].payloads
+                    clock = self.clock + len(payloads)
+                    args: list[Any] = [self.clock, payloads]
+                    statement = INSERT_PATCHES if lease is None else FENCED_INSERT_PATCHES
+                else:
+                    clock, args = self._statement_args(ops, self.clock)
+                    statement = COMMIT if lease is None else FENCED_COMMIT
+                if lease is None:
+                    await conn.execute(statement, self.store_id, *args)
+                # The lease is checked by the commit's own statement (one round trip): a
+                # server that lost the store never commits into it again.
+                elif not await conn.fetchval(statement, self.store_id, *args, *lease[1:]):
+                    raise StorageError("this server does not own the store any more")
         except Exception as exc:  # whatever the cause, a commit that did not succeed failed
             # The outcome is unknown when the connection broke after sending: read the
             # clock again before the next commit instead of guessing it.
