@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from sds.cli.options import (
     ConfigFailure,
     config_from,
     fail,
+    print_json,
     print_table,
     setting_options,
 )
@@ -101,7 +101,7 @@ def store_list(as_json: bool, **options: Any) -> None:
 
     if as_json:
         payload = {"persist_dir": str(directory), "sqlite_version": SQLITE_VERSION}
-        click.echo(json.dumps({**payload, "files": reports}, indent=2))
+        print_json({**payload, "files": reports})
     else:
         _print_reports(reports, f"{directory} (SQLite {SQLITE_VERSION})")
     if problems:
@@ -141,7 +141,7 @@ def store_inspect(target: str, as_json: bool, **options: Any) -> None:
     if store_id is not None and store_id not in [s.store_id for s in report.stores]:
         fail(f"unknown store {store_id!r}: {path.name} has no rows for it")
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        print_json(data)
     else:
         _print_reports([data], str(path))
     if report.integrity != "ok":
@@ -316,7 +316,7 @@ def store_compact(
             return
         results.append(result.as_json())
     if as_json:
-        click.echo(json.dumps({"results": results}, indent=2))
+        print_json({"results": results})
     else:
         _print_compaction(results)
 
@@ -332,7 +332,7 @@ def _database_report(url: str, store_id: str | None, as_json: bool) -> None:
         fail(str(exc))
         return
     if as_json:
-        click.echo(json.dumps(report.as_json(), indent=2))
+        print_json(report.as_json())
         return
     columns = [
         ("store id", "left"),
@@ -374,7 +374,7 @@ def _compact_database(url: str, store_id: str | None, value_mode: str, as_json: 
         fail(str(exc))
         return
     if as_json:
-        click.echo(json.dumps({"results": results}, indent=2))
+        print_json({"results": results})
     else:
         _print_compaction(results)
 
@@ -463,6 +463,6 @@ def store_delete(target: str, yes: bool, as_json: bool, **options: Any) -> None:
         fail(str(exc))
         return
     if as_json:
-        click.echo(json.dumps(result.as_json(), indent=2))
+        print_json(result.as_json())
     else:
         click.echo(f"deleted {', '.join(result.deleted)}")
