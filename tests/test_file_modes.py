@@ -82,10 +82,7 @@ async def test_the_server_creates_store_files_0600(
         server = await make_server(persist=True)
         directory = server.config.persist_dir
         assert directory is not None
-        writer = await server.connect("modes")
-        reader = await server.connect("modes", "read")
-        await writer.send(b"\x01one")
-        assert await reader.receive(timeout=5) == b"\x01one"
+        await server.hold("modes", b"\x01one")
         path = directory / store_filename("modes")
         for candidate in (path, path.with_name(path.name + "-wal")):
             assert _mode(candidate) == 0o600, candidate.name

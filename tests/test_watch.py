@@ -69,10 +69,7 @@ async def test_watch_prints_each_frame_live_as_json(server: RunningServer) -> No
 
 async def test_watch_human_output_shows_type_and_size(persistent_server: RunningServer) -> None:
     server = persistent_server
-    writer = await server.connect("h", sub="writer")
-    peer = await server.connect("h", "read")
-    await writer.send(b"\x01" + b"x" * 9)
-    await peer.receive(timeout=5)
+    await server.hold("h", b"\x01" + b"x" * 9)
     result = await asyncio.wait_for(
         run_sds_async(
             "watch",
@@ -120,10 +117,7 @@ async def test_watch_until_idle_ends_with_exit_0_on_a_quiet_store(
     persistent_server: RunningServer,
 ) -> None:
     server = persistent_server
-    writer = await server.connect("quiet", sub="writer")
-    peer = await server.connect("quiet", "read")
-    await writer.send(b"\x01one")
-    await peer.receive(timeout=5)
+    await server.hold("quiet", b"\x01one")
     result = await asyncio.wait_for(
         run_sds_async(
             "watch",
