@@ -47,12 +47,10 @@ async def test_cluster_status_lists_each_live_process_with_its_url_and_the_store
             for client in (alpha, beta, gamma):
                 await client.send(b"\x01patch")
             # A patch is relayed only after its store file is open (and locked).
-            async with StoreClient(second.ws_url, "gamma", second.token("gamma")) as joiner:
-                assert await joiner.receive(timeout=10) == b"\x01patch"
-            async with StoreClient(first.ws_url, "alpha", first.token("alpha")) as joiner:
-                assert await joiner.receive(timeout=10) == b"\x01patch"
-            async with StoreClient(second.ws_url, "beta", second.token("beta")) as joiner:
-                assert await joiner.receive(timeout=10) == b"\x01patch"
+            for server, store_id in ((second, "gamma"), (first, "alpha"), (second, "beta")):
+                token = server.token(store_id)
+                async with StoreClient(server.ws_url, store_id, token) as joiner:
+                    assert await joiner.receive(timeout=10) == b"\x01patch"
 
             code, out, err = await status(persist, "--json")
             assert code == 0, err
