@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -148,16 +149,39 @@ def store_inspect(target: str, as_json: bool, **options: Any) -> None:
         fail(f"{path.name} failed the integrity check: {report.integrity}")
 
 
+_STORE_COLUMNS = [
+    ("store id", "left"),
+    ("patches", "right"),
+    ("clocks", "right"),
+    ("patch bytes", "right"),
+    ("snapshot", "right"),
+]
+"""The columns of one store's figures in ``store list / inspect`` (files or a database)."""
+
+
+def _store_cells(figures: dict[str, Any]) -> list[str]:
+    """The ``_STORE_COLUMNS`` cells of one store's figures (a StoreFigures as a dict)."""
+    clocks = f"{figures['first_clock']}..{figures['last_clock']}" if figures["patches"] else "-"
+    snapshot = (
+        f"@{figures['snapshot_clock']} ({human_bytes(figures['snapshot_bytes'])})"
+        if figures["snapshot_clock"] is not None
+        else "-"
+    )
+    return [
+        figures["store_id"],
+        str(figures["patches"]),
+        clocks,
+        human_bytes(figures["patch_bytes"]),
+        snapshot,
+    ]
+
+
 def _print_reports(reports: list[dict[str, Any]], title: str) -> None:
     from rich.text import Text
 
     columns = [
         ("file", "left"),
-        ("store id", "left"),
-        ("patches", "right"),
-        ("clocks", "right"),
-        ("patch bytes", "right"),
-        ("snapshot", "right"),
+        *_STORE_COLUMNS,
         ("blobs", "right"),
         ("file bytes", "right"),
         ("last write", "left"),
@@ -182,23 +206,7 @@ def _print_reports(reports: list[dict[str, Any]], title: str) -> None:
             if figures is None:
                 store_cells = ["(empty)", "0", "-", "-", "-"]
             else:
-                clocks = (
-                    f"{figures['first_clock']}..{figures['last_clock']}"
-                    if figures["patches"]
-                    else "-"
-                )
-                snapshot = (
-                    f"@{figures['snapshot_clock']} ({human_bytes(figures['snapshot_bytes'])})"
-                    if figures["snapshot_clock"] is not None
-                    else "-"
-                )
-                store_cells = [
-                    figures["store_id"],
-                    str(figures["patches"]),
-                    clocks,
-                    human_bytes(figures["patch_bytes"]),
-                    snapshot,
-                ]
+                store_cells = _store_cells(figures)
             first = index == 0
             rows.append(
                 [
@@ -334,32 +342,14 @@ def _database_report(url: str, store_id: str | None, as_json: bool) -> None:
     if as_json:
         print_json(report.as_json())
         return
-    columns = [
-        ("store id", "left"),
-        ("patches", "right"),
-        ("clocks", "right"),
-        ("patch bytes", "right"),
-        ("snapshot", "right"),
-        ("blobs", "right"),
+    columns = [*_STORE_COLUMNS, ("blobs", "right")]
+    rows = [
+        [
+            *_store_cells(asdict(figures)),
+            f"{figures.blobs} ({human_bytes(figures.blob_bytes)})",
+        ]
+        for figures in report.stores
     ]
-    rows: list[list[str]] = []
-    for figures in report.stores:
-        clocks = f"{figures.first_clock}..{figures.last_clock}" if figures.patches else "-"
-        snapshot = (
-            f"@{figures.snapshot_clock} ({human_bytes(figures.snapshot_bytes)})"
-            if figures.snapshot_clock is not None
-            else "-"
-        )
-        rows.append(
-            [
-                figures.store_id,
-                str(figures.patches),
-                clocks,
-                human_bytes(figures.patch_bytes),
-                snapshot,
-                f"{figures.blobs} ({human_bytes(figures.blob_bytes)})",
-            ]
-        )
     title = f"PostgreSQL {report.server_version} at {report.database}"
     print_table(columns, rows, title=title)
 
