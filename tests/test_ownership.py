@@ -104,6 +104,26 @@ async def kill_the_owner_mid_stream(
     return seen
 
 
+async def sigterm_the_owner(
+    owner: ServerProcess, other: ServerProcess, store_id: str
+) -> list[int | None]:
+    """50 frames from a direct client of ``owner`` reach a client forwarded by ``other``;
+    then SIGTERM the owner. The close codes the two clients got (direct one first)."""
+    direct = StoreClient(owner.ws_url, store_id, owner.token(store_id, sub="d"))
+    await direct.connect()
+    via = StoreClient(other.ws_url, store_id, other.token(store_id, sub="v"))
+    await via.connect()
+    for n in range(50):
+        await direct.send(frame(0, n))
+    for n in range(50):
+        assert await via.receive(timeout=10) == frame(0, n)
+    owner.send_signal(signal.SIGTERM)
+    codes = [await direct.wait_closed(timeout=15), await via.wait_closed(timeout=15)]
+    await direct.close()
+    await via.close()
+    return codes
+
+
 async def hand_over_to_the_forwarder(
     first: ServerProcess, second: ServerProcess, store_id: str
 ) -> None:
@@ -292,19 +312,8 @@ async def test_sigterm_hands_stores_over_with_one_reconnect(tmp_path: Path) -> N
     stores = tmp_path / "stores"
     with cluster(tmp_path, ["--persist-dir", str(stores)], count=2) as servers:
         owner, other = servers
-        direct = StoreClient(owner.ws_url, "roll", owner.token("roll", sub="d"))
-        await direct.connect()
-        via = StoreClient(other.ws_url, "roll", other.token("roll", sub="v"))
-        await via.connect()
-        for n in range(50):
-            await direct.send(frame(0, n))
-        for n in range(50):
-            assert await via.receive(timeout=10) == frame(0, n)
-        owner.send_signal(signal.SIGTERM)
-        assert await direct.wait_closed(timeout=15) in (1001, 1012)
-        assert await via.wait_closed(timeout=15) in (1001, 1012)
-        await direct.close()
-        await via.close()
+        for code in await sigterm_the_owner(owner, other, "roll"):
+            assert code in (1001, 1012)
         # Each client reconnects once (to the process left) and finds everything.
         first = StoreClient(other.ws_url, "roll", other.token("roll", sub="d"))
         second = StoreClient(other.ws_url, "roll", other.token("roll", sub="v"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -29,6 +28,7 @@ from tests.test_ownership import (
     hand_over_to_the_forwarder,
     kill_the_owner_mid_stream,
     metric,
+    sigterm_the_owner,
 )
 
 pytestmark = pytest.mark.slow
@@ -120,19 +120,7 @@ async def test_sigterm_hands_stores_over_with_one_reconnect(
     tmp_path: Path, database_url: str
 ) -> None:
     with pg_servers(tmp_path, database_url, 2) as (owner, other):
-        direct = StoreClient(owner.ws_url, "roll", owner.token("roll", sub="d"))
-        await direct.connect()
-        via = StoreClient(other.ws_url, "roll", other.token("roll", sub="v"))
-        await via.connect()
-        for n in range(50):
-            await direct.send(frame(0, n))
-        for n in range(50):
-            assert await via.receive(timeout=10) == frame(0, n)
-        owner.send_signal(signal.SIGTERM)
-        assert await direct.wait_closed(timeout=15) == 1001
-        assert await via.wait_closed(timeout=15) == 1001
-        await direct.close()
-        await via.close()
+        assert await sigterm_the_owner(owner, other, "roll") == [1001, 1001]
         async with StoreClient(other.ws_url, "roll", other.token("roll")) as again:
             assert await again.receive_all(window=1.0) == [frame(0, n) for n in range(50)]
         assert owner.wait(15) == 0
