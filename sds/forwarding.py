@@ -112,6 +112,24 @@ async def serve_here_or_forward(
     raise http_error(503, "the process owning this store does not answer")
 
 
+async def place_client(
+    request: web.Request, ownership: Ownership, key: Key, open_here: Callable[[], Awaitable[T]]
+) -> tuple[T | Forwarded, str | None]:
+    """Where a /ws or /signal client of ``key`` is served (see ``serve_here_or_forward``),
+    and the URL of the process that forwarded it here (None for a direct client).
+
+    A client served here is counted as joined; call ``ownership.left(key, via=...)``
+    with the same URL when it leaves.
+    """
+    via = await forwarded_by(request, ownership)
+    placed = await serve_here_or_forward(
+        request, ownership, key, forwarded=via is not None, open_here=open_here
+    )
+    if not isinstance(placed, Forwarded):
+        ownership.joined(key, via=via)
+    return placed, via
+
+
 def _session(ownership: Ownership) -> aiohttp.ClientSession:
     session = ownership.session
     if session is None or session.closed:

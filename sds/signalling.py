@@ -16,7 +16,7 @@ from aiohttp import WSMsgType, web
 from sds.appkeys import CONFIG, OWNERSHIP, RELAY, SIGNALLING, STATE
 from sds.auth import CloseRefusal, admit, http_error, refuse_with_close
 from sds.connections import Client, accept_client
-from sds.forwarding import Forwarded, forwarded_by, serve_here_or_forward
+from sds.forwarding import Forwarded, place_client
 from sds.ownership import SIGNAL
 from sds.protocol import encode_server_frame
 from sds.tokens import Claims
@@ -133,13 +133,9 @@ async def signal_handler(request: web.Request) -> web.StreamResponse:
     key = (SIGNAL, store_id)
     via: str | None = None
     if ownership is not None:
-        via = await forwarded_by(request, ownership)
-        placed = await serve_here_or_forward(
-            request, ownership, key, forwarded=via is not None, open_here=_nothing
-        )
+        placed, via = await place_client(request, ownership, key, _nothing)
         if isinstance(placed, Forwarded):
             return placed.response
-        ownership.joined(key, via=via)
     try:
         return await _serve_peer(request, store_id, claims)
     finally:

@@ -15,7 +15,7 @@ from sds.appkeys import CONFIG, OWNERSHIP, RELAY, STATE, ServerState
 from sds.auth import CloseRefusal, admit, http_error, refuse_with_close
 from sds.chunks import ChunkAssembler, ChunkRefused
 from sds.connections import CLOSE_TRY_AGAIN_LATER, Client, accept_client
-from sds.forwarding import Forwarded, forwarded_by, serve_here_or_forward
+from sds.forwarding import Forwarded, place_client
 from sds.ownership import WS
 from sds.protocol import (
     KEY_BYTES,
@@ -49,18 +49,12 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         if ownership is None:
             store = await relay.open_store(store_id)
         else:
-            via = await forwarded_by(request, ownership)
-            placed = await serve_here_or_forward(
-                request,
-                ownership,
-                key,
-                forwarded=via is not None,
-                open_here=lambda: relay.open_store(store_id),
+            placed, via = await place_client(
+                request, ownership, key, lambda: relay.open_store(store_id)
             )
             if isinstance(placed, Forwarded):
                 return placed.response
             store = placed
-            ownership.joined(key, via=via)
     except Refused as exc:
         relay.metrics.connections_refused[exc.reason] += 1
         raise http_error(503, str(exc)) from None

@@ -20,8 +20,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
@@ -157,6 +156,17 @@ class Cluster:
             self.wait_proxy_sees(index, up=True)
         return self
 
+    def __enter__(self) -> Cluster:
+        """Started, stopped on exit (also when starting fails part-way)."""
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def start_proxy(self) -> None:
         binary = require_tool("haproxy")
         with self.haproxy_log.open("ab") as out:
@@ -284,31 +294,6 @@ class Cluster:
 def _working_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-@contextmanager
-def running_cluster(
-    directory: Path,
-    *,
-    n: int = 3,
-    balance: str = "uri",
-    server_args: Sequence[str] = (),
-    database_url: str | None = None,
-    database_ownership: bool = False,
-) -> Iterator[Cluster]:
-    """A started `Cluster`, stopped on exit."""
-    cluster = Cluster(
-        directory,
-        n=n,
-        balance=balance,
-        server_args=server_args,
-        database_url=database_url,
-        database_ownership=database_ownership,
-    )
-    try:
-        yield cluster.start()
-    finally:
-        cluster.close()
 
 
 class ReconnectingPeer:

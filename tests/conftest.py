@@ -58,6 +58,15 @@ class RunningServer:
         self._clients.append(client)
         return client
 
+    async def hold(self, store_id: str, patch: bytes) -> tuple[StoreClient, StoreClient]:
+        """A writer and a reader of ``store_id``, ``patch`` relayed from one to the other:
+        the server holds the store (its file open) until they close."""
+        writer = await self.connect(store_id)
+        reader = await self.connect(store_id, "read")
+        await writer.send(patch)
+        assert await reader.receive(timeout=5) == patch
+        return writer, reader
+
     _clients: list[StoreClient]
 
 

@@ -193,10 +193,7 @@ async def test_restore_refuses_a_store_the_server_holds(
     server = await make_server(persist=True)
     directory = server.config.persist_dir
     assert directory is not None
-    writer = await server.connect("held")
-    peer = await server.connect("held", "read")
-    await writer.send(b"\x01one")
-    await peer.receive(timeout=5)
+    writer, peer = await server.hold("held", b"\x01one")
     archive = (await asyncio.to_thread(create_backup, directory, tmp_path / "b")).archive
     await writer.send(b"\x01two")
     await peer.receive(timeout=5)

@@ -305,39 +305,22 @@ def test_mint_dev_without_a_dev_secret_file_says_so(tmp_path: Path) -> None:
     assert "sds-data/jwt-secret" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("given_by", ["environment", "option"])
 def test_an_unreadable_secret_file_is_an_error_for_mint_and_a_warning_for_inspect(
-    tmp_path: Path,
+    tmp_path: Path, given_by: str
 ) -> None:
     missing = str(tmp_path / "no-such-secret")
-    env = clean_env({SECRET_FILE_ENV: missing})
-    minted = run_sds("token", "mint", "--store", "d", "--scope", "read", "--sub", "a", env=env)
+    if given_by == "environment":
+        env, option = clean_env({SECRET_FILE_ENV: missing}), []
+    else:
+        env, option = clean_env(), ["--jwt-secret-file", missing]
+    minted = run_sds(
+        "token", "mint", *option, "--store", "d", "--scope", "read", "--sub", "a", env=env
+    )
     assert minted.returncode == 2
     assert "cannot read the JWT secret file" in minted.stderr and minted.stdout == ""
     token = mint_token(SECRET, store_id="d", scope="read", sub="a")
-    inspected = run_sds("token", "inspect", token, env=env)
+    inspected = run_sds("token", "inspect", *option, token, env=env)
     assert inspected.returncode == 0
-    warning = inspected.stderr.strip().splitlines()
-    assert len(warning) == 1 and "warning" in warning[0] and missing in warning[0]
-
-
-def test_an_unreadable_jwt_secret_file_option_is_a_warning_for_inspect(tmp_path: Path) -> None:
-    missing = str(tmp_path / "no-such-secret")
-    token = mint_token(SECRET, store_id="d", scope="read", sub="a")
-    result = run_sds("token", "inspect", "--jwt-secret-file", missing, token, env=clean_env())
-    assert result.returncode == 0
-    (line,) = result.stderr.strip().splitlines()
+    (line,) = inspected.stderr.strip().splitlines()
     assert line.startswith("sds: warning:") and missing in line
-    minted = run_sds(
-        "token",
-        "mint",
-        "--jwt-secret-file",
-        missing,
-        "--store",
-        "d",
-        "--scope",
-        "read",
-        "--sub",
-        "a",
-        env=clean_env(),
-    )
-    assert minted.returncode == 2 and minted.stdout == ""

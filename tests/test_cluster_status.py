@@ -8,14 +8,26 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from sds.client import StoreClient
-from tests.helpers import clean_env, one_error_line, run_sds_async, spawn_server
+from tests.helpers import ServerProcess, clean_env, one_error_line, run_sds_async, spawn_server
 
 pytestmark = pytest.mark.slow
+
+
+@contextmanager
+def two_processes(tmp_path: Path, args: list[str]) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """Two sds processes started with the same ``args``, each in its own working dir."""
+    with (
+        spawn_server(args, cwd=tmp_path / "a") as first,
+        spawn_server(args, cwd=tmp_path / "b") as second,
+    ):
+        yield first, second
 
 
 async def run_status(persist: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -35,10 +47,7 @@ async def test_cluster_status_lists_each_live_process_with_its_url_and_the_store
     persist = tmp_path / "persist"
     persist.mkdir()
     args = ["--persist-dir", str(persist)]
-    with (
-        spawn_server(args, cwd=tmp_path / "a") as first,
-        spawn_server(args, cwd=tmp_path / "b") as second,
-    ):
+    with two_processes(tmp_path, args) as (first, second):
         async with (
             StoreClient(first.ws_url, "alpha", first.token("alpha")) as alpha,
             StoreClient(second.ws_url, "beta", second.token("beta")) as beta,
@@ -47,12 +56,10 @@ async def test_cluster_status_lists_each_live_process_with_its_url_and_the_store
             for client in (alpha, beta, gamma):
                 await client.send(b"\x01patch")
             # A patch is relayed only after its store file is open (and locked).
-            async with StoreClient(second.ws_url, "gamma", second.token("gamma")) as joiner:
-                assert await joiner.receive(timeout=10) == b"\x01patch"
-            async with StoreClient(first.ws_url, "alpha", first.token("alpha")) as joiner:
-                assert await joiner.receive(timeout=10) == b"\x01patch"
-            async with StoreClient(second.ws_url, "beta", second.token("beta")) as joiner:
-                assert await joiner.receive(timeout=10) == b"\x01patch"
+            for server, store_id in ((second, "gamma"), (first, "alpha"), (second, "beta")):
+                token = server.token(store_id)
+                async with StoreClient(server.ws_url, store_id, token) as joiner:
+                    assert await joiner.receive(timeout=10) == b"\x01patch"
 
             code, out, err = await status(persist, "--json")
             assert code == 0, err
@@ -103,10 +110,7 @@ async def test_cluster_status_of_a_missing_persist_dir_is_a_one_line_error(tmp_p
 async def test_cluster_status_of_relay_only_processes_reads_their_lock_dir(tmp_path: Path) -> None:
     locks = tmp_path / "locks"
     args = ["--lock-dir", str(locks)]
-    with (
-        spawn_server(args, cwd=tmp_path / "a") as first,
-        spawn_server(args, cwd=tmp_path / "b") as second,
-    ):
+    with two_processes(tmp_path, args) as (first, second):
         async with (
             StoreClient(first.ws_url, "live", first.token("live")) as a,
             # Reaches the second process, which forwards it to the owner.

@@ -31,47 +31,9 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
 
 
 def test_nginx_site_config_passes_nginx_t(tmp_path: Path) -> None:
-    nginx = _tool("nginx")
-    openssl = _tool("openssl")
-    keys = _run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=t",
-            "-keyout",
-            str(tmp_path / "key.pem"),
-            "-out",
-            str(tmp_path / "cert.pem"),
-        ],
-        tmp_path,
-    )
-    assert keys.returncode == 0, keys.stderr
     site = (DEPLOYMENT / "nginx" / "sds.conf").read_text()
     assert "$request_uri" not in site.split("log_format", 1)[1].split(";", 1)[0]
-    site = (
-        site.replace(
-            "/etc/letsencrypt/live/sds.example.com/fullchain.pem", str(tmp_path / "cert.pem")
-        )
-        .replace("/etc/letsencrypt/live/sds.example.com/privkey.pem", str(tmp_path / "key.pem"))
-        .replace("/var/log/nginx/", f"{tmp_path}/")
-    )
-    (tmp_path / "site.conf").write_text(site)
-    temp = tmp_path / "tmp"
-    (tmp_path / "nginx.conf").write_text(
-        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
-        f"http {{\n  access_log off;\n  client_body_temp_path {temp}; proxy_temp_path {temp};\n"
-        f"  fastcgi_temp_path {temp}; uwsgi_temp_path {temp}; scgi_temp_path {temp};\n"
-        f"  include {tmp_path}/site.conf;\n}}\n"
-    )
-    result = _run([nginx, "-t", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)], tmp_path)
-    assert result.returncode == 0, result.stderr
+    _assert_nginx_t_passes(site, tmp_path)
     for location in (
         "location /ws/",
         "location /signal/",
@@ -195,21 +157,26 @@ def test_systemd_template_unit_verifies_with_the_port_as_instance(tmp_path: Path
 
 
 def test_nginx_cluster_upstream_hashes_the_path_and_passes_nginx_t(tmp_path: Path) -> None:
-    nginx = _tool("nginx")
-    cert, key = self_signed_certificate(tmp_path)
     upstream = (DEPLOYMENT / "nginx" / "sds-cluster-upstream.conf").read_text()
     block = upstream[upstream.index("\nupstream sds_relay {") :]
     assert "hash $uri consistent;" in block and "$request_uri" not in block
     site = (DEPLOYMENT / "nginx" / "sds.conf").read_text()
     single = site[site.index("upstream sds_relay {") :]
     single = single[: single.index("}") + 1]
+    site = site.replace(single, block.strip())
+    assert "hash $uri consistent;" in site
+    _assert_nginx_t_passes(site, tmp_path)
+
+
+def _assert_nginx_t_passes(site: str, tmp_path: Path) -> None:
+    """``nginx -t`` accepts ``site`` with a throwaway certificate and logs under tmp_path."""
+    nginx = _tool("nginx")
+    cert, key = self_signed_certificate(tmp_path)
     site = (
-        site.replace(single, block.strip())
-        .replace("/etc/letsencrypt/live/sds.example.com/fullchain.pem", str(cert))
+        site.replace("/etc/letsencrypt/live/sds.example.com/fullchain.pem", str(cert))
         .replace("/etc/letsencrypt/live/sds.example.com/privkey.pem", str(key))
         .replace("/var/log/nginx/", f"{tmp_path}/")
     )
-    assert "hash $uri consistent;" in site
     (tmp_path / "site.conf").write_text(site)
     temp = tmp_path / "tmp"
     (tmp_path / "nginx.conf").write_text(

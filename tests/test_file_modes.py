@@ -21,7 +21,7 @@ import pytest
 
 from sds.backends.sqlite import connect_sync, store_filename
 from sds.backup import BackupError, create_backup, restore_archive
-from sds.maintenance import MaintenanceError, compact_safely
+from sds.maintenance import CompactionResult, MaintenanceError, compact_safely
 from tests.conftest import ServerFactory
 from tests.helpers import clean_env, run_sds
 from tests.store_files import all_rows, write_store
@@ -48,6 +48,18 @@ def needs_root() -> None:
 
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
+
+
+def _compact_notes(directory: Path) -> CompactionResult:
+    """``sds store compact`` of notes.db in ``directory`` (a blob-mode persist dir)."""
+    return compact_safely(
+        directory / "notes.db",
+        store_id=None,
+        value_mode="blob",
+        persist_dir=directory,
+        admin_token=None,
+        wait=0,
+    )
 
 
 def _service_dir(path: Path) -> Path:
@@ -82,10 +94,7 @@ async def test_the_server_creates_store_files_0600(
         server = await make_server(persist=True)
         directory = server.config.persist_dir
         assert directory is not None
-        writer = await server.connect("modes")
-        reader = await server.connect("modes", "read")
-        await writer.send(b"\x01one")
-        assert await reader.receive(timeout=5) == b"\x01one"
+        await server.hold("modes", b"\x01one")
         path = directory / store_filename("modes")
         for candidate in (path, path.with_name(path.name + "-wal")):
             assert _mode(candidate) == 0o600, candidate.name
@@ -145,14 +154,7 @@ def test_compaction_as_root_leaves_no_root_owned_file(tmp_path: Path) -> None:
     write_store(target / "notes.db", "notes", [b"a", b"b", b"a"])
     os.chown(target / "notes.db", NOBODY, NOBODY)
     with umask(0o022):
-        result = compact_safely(
-            target / "notes.db",
-            store_id=None,
-            value_mode="blob",
-            persist_dir=target,
-            admin_token=None,
-            wait=0,
-        )
+        result = _compact_notes(target)
     assert result.duplicates_removed == 1
     for path in target.iterdir():
         info = path.lstat()
@@ -175,14 +177,7 @@ def test_another_user_than_the_dirs_owner_is_refused_with_a_hint(tmp_path: Path)
         with pytest.raises(BackupError, match="run it as that user") as refused:
             restore_archive(archive, target)
         with pytest.raises(MaintenanceError, match="run it as that user"):
-            compact_safely(
-                target / "notes.db",
-                store_id=None,
-                value_mode="blob",
-                persist_dir=target,
-                admin_token=None,
-                wait=0,
-            )
+            _compact_notes(target)
     finally:
         os.seteuid(0)
     try:

@@ -60,6 +60,89 @@ def frame(sender: int, n: int) -> bytes:
     return b"\x01" + bytes([sender]) + n.to_bytes(4, "big") + b"p" * 16
 
 
+async def kill_the_owner_mid_stream(
+    owner: ServerProcess, writer: StoreClient, reader: StoreClient, *, after: int
+) -> list[bytes]:
+    """Stream from ``writer`` (on the store's owner) to ``reader`` (forwarded by another
+    process), SIGKILL the owner once the reader saw ``after`` frames; return what it saw.
+
+    The forwarder tells its client to reconnect (service restart), and what the reader
+    saw is in order without a gap.
+    """
+    seen: list[bytes] = []
+    closed: list[int | None] = []
+
+    async def stream() -> None:
+        with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError):
+            for n in range(100_000):
+                await writer.send(frame(0, n))
+                if n % 20 == 0:
+                    await asyncio.sleep(0.001)
+
+    async def record() -> None:
+        try:
+            while True:
+                seen.append(await reader.receive(timeout=10))
+        except ClientClosed as exc:
+            closed.append(exc.code)
+
+    streaming = asyncio.create_task(stream())
+    recording = asyncio.create_task(record())
+    async with asyncio.timeout(20):
+        while len(seen) < after:
+            await asyncio.sleep(0.01)
+    owner.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(owner.wait, 10)
+    await asyncio.wait_for(recording, 15)
+    streaming.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await streaming
+    await writer.close()
+    await reader.close()
+    assert closed == [1012]
+    assert seen == [frame(0, n) for n in range(len(seen))]
+    return seen
+
+
+async def sigterm_the_owner(
+    owner: ServerProcess, other: ServerProcess, store_id: str
+) -> list[int | None]:
+    """50 frames from a direct client of ``owner`` reach a client forwarded by ``other``;
+    then SIGTERM the owner. The close codes the two clients got (direct one first)."""
+    direct = StoreClient(owner.ws_url, store_id, owner.token(store_id, sub="d"))
+    await direct.connect()
+    via = StoreClient(other.ws_url, store_id, other.token(store_id, sub="v"))
+    await via.connect()
+    for n in range(50):
+        await direct.send(frame(0, n))
+    for n in range(50):
+        assert await via.receive(timeout=10) == frame(0, n)
+    owner.send_signal(signal.SIGTERM)
+    codes = [await direct.wait_closed(timeout=15), await via.wait_closed(timeout=15)]
+    await direct.close()
+    await via.close()
+    return codes
+
+
+async def hand_over_to_the_forwarder(
+    first: ServerProcess, second: ServerProcess, store_id: str
+) -> None:
+    """A store owned by ``first`` with one direct client and one client forwarded by
+    ``second``: when the direct client leaves, after the grace the store goes to the
+    forwarder (its client is told to reconnect with 1012)."""
+    direct = StoreClient(first.ws_url, store_id, first.token(store_id, sub="d"))
+    await direct.connect()
+    moved = StoreClient(second.ws_url, store_id, second.token(store_id, sub="m"))
+    await moved.connect()
+    await direct.send(frame(0, 0))
+    assert await moved.receive(timeout=10) == frame(0, 0)
+    assert metric(second, "sds_forwarded_connections") == 1
+    await direct.close()
+    assert await moved.wait_closed(timeout=15) == 1012
+    await moved.close()
+    await eventually(first, "sds_ownership_changes_total", '{reason="handed_over"}', 1)
+
+
 async def exchange(clients: list[StoreClient], per_client: int) -> list[list[bytes]]:
     """Every client sends ``per_client`` patches; what each client received from the others."""
     received: list[list[bytes]] = [[] for _ in clients]
@@ -168,39 +251,7 @@ async def test_owner_killed_mid_stream_loses_nothing_a_peer_saw(tmp_path: Path) 
         await reader.connect()
         holder = lock_holder(stores / "crash.db")
         assert holder is not None and holder.pid == owner.pid
-        seen: list[bytes] = []
-        closed: list[int | None] = []
-
-        async def stream() -> None:
-            with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError):
-                for n in range(100_000):
-                    await writer.send(frame(0, n))
-                    if n % 20 == 0:
-                        await asyncio.sleep(0.001)
-
-        async def record() -> None:
-            try:
-                while True:
-                    seen.append(await reader.receive(timeout=10))
-            except ClientClosed as exc:
-                closed.append(exc.code)
-
-        streaming = asyncio.create_task(stream())
-        recording = asyncio.create_task(record())
-        async with asyncio.timeout(20):
-            while len(seen) < 1000:
-                await asyncio.sleep(0.01)
-        owner.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(owner.wait, 10)
-        await asyncio.wait_for(recording, 15)
-        streaming.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await streaming
-        await writer.close()
-        await reader.close()
-        # The forwarder tells its client to reconnect (service restart).
-        assert closed == [1012]
-        assert seen == [frame(0, n) for n in range(len(seen))]
+        seen = await kill_the_owner_mid_stream(owner, writer, reader, after=1000)
 
         # The next connection takes the store; a fresh joiner gets every frame the
         # reader saw, in order, once (and possibly more that committed after).
@@ -219,18 +270,7 @@ async def test_store_with_only_forwarded_clients_is_handed_to_their_process(
     stores = tmp_path / "stores"
     with cluster(tmp_path, ["--persist-dir", str(stores)], count=2) as servers:
         first, second = servers
-        direct = StoreClient(first.ws_url, "doc", first.token("doc", sub="d"))
-        await direct.connect()
-        moved = StoreClient(second.ws_url, "doc", second.token("doc", sub="m"))
-        await moved.connect()
-        await direct.send(frame(0, 0))
-        assert await moved.receive(timeout=10) == frame(0, 0)
-        assert metric(second, "sds_forwarded_connections") == 1
-        # The last direct client leaves: after the grace the store goes to the forwarder.
-        await direct.close()
-        assert await moved.wait_closed(timeout=15) == 1012
-        await moved.close()
-        await eventually(first, "sds_ownership_changes_total", '{reason="handed_over"}', 1)
+        await hand_over_to_the_forwarder(first, second, "doc")
 
         again = StoreClient(second.ws_url, "doc", second.token("doc", sub="m"))
         async with again:
@@ -272,19 +312,8 @@ async def test_sigterm_hands_stores_over_with_one_reconnect(tmp_path: Path) -> N
     stores = tmp_path / "stores"
     with cluster(tmp_path, ["--persist-dir", str(stores)], count=2) as servers:
         owner, other = servers
-        direct = StoreClient(owner.ws_url, "roll", owner.token("roll", sub="d"))
-        await direct.connect()
-        via = StoreClient(other.ws_url, "roll", other.token("roll", sub="v"))
-        await via.connect()
-        for n in range(50):
-            await direct.send(frame(0, n))
-        for n in range(50):
-            assert await via.receive(timeout=10) == frame(0, n)
-        owner.send_signal(signal.SIGTERM)
-        assert await direct.wait_closed(timeout=15) in (1001, 1012)
-        assert await via.wait_closed(timeout=15) in (1001, 1012)
-        await direct.close()
-        await via.close()
+        for code in await sigterm_the_owner(owner, other, "roll"):
+            assert code in (1001, 1012)
         # Each client reconnects once (to the process left) and finds everything.
         first = StoreClient(other.ws_url, "roll", other.token("roll", sub="d"))
         second = StoreClient(other.ws_url, "roll", other.token("roll", sub="v"))

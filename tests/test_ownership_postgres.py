@@ -8,9 +8,7 @@ default with --database-url).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import signal
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -20,14 +18,17 @@ import aiohttp
 import asyncpg
 import pytest
 
-from sds.client import ClientClosed, StoreClient
+from sds.client import StoreClient
 from tests.conftest import ServerFactory, start_pg_cluster
 from tests.helpers import TEST_SECRET, ServerProcess, clean_env, run_sds, spawn_server
 from tests.test_ownership import (
     assert_every_frame_exchanged,
     eventually,
     frame,
+    hand_over_to_the_forwarder,
+    kill_the_owner_mid_stream,
     metric,
+    sigterm_the_owner,
 )
 
 pytestmark = pytest.mark.slow
@@ -92,38 +93,7 @@ async def test_owner_killed_mid_stream_loses_nothing_and_the_next_owner_gets_a_n
         await reader.connect()
         first = await owner_of(database_url, "crash")
         assert first is not None and first[1] == owner.http_url
-        seen: list[bytes] = []
-        closed: list[int | None] = []
-
-        async def stream() -> None:
-            with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError):
-                for n in range(100_000):
-                    await writer.send(frame(0, n))
-                    if n % 20 == 0:
-                        await asyncio.sleep(0.001)
-
-        async def record() -> None:
-            try:
-                while True:
-                    seen.append(await reader.receive(timeout=10))
-            except ClientClosed as exc:
-                closed.append(exc.code)
-
-        streaming = asyncio.create_task(stream())
-        recording = asyncio.create_task(record())
-        async with asyncio.timeout(20):
-            while len(seen) < 500:
-                await asyncio.sleep(0.01)
-        owner.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(owner.wait, 10)
-        await asyncio.wait_for(recording, 15)
-        streaming.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await streaming
-        await writer.close()
-        await reader.close()
-        assert closed == [1012]
-        assert seen == [frame(0, n) for n in range(len(seen))]
+        seen = await kill_the_owner_mid_stream(owner, writer, reader, after=500)
 
         joiner = StoreClient(other.ws_url, "crash", other.token("crash", sub="j"))
         async with joiner:
@@ -138,16 +108,7 @@ async def test_store_with_only_forwarded_clients_moves_to_their_server(
     tmp_path: Path, database_url: str
 ) -> None:
     with pg_servers(tmp_path, database_url, 2) as (first, second):
-        direct = StoreClient(first.ws_url, "doc", first.token("doc", sub="d"))
-        await direct.connect()
-        moved = StoreClient(second.ws_url, "doc", second.token("doc", sub="m"))
-        await moved.connect()
-        await direct.send(frame(0, 0))
-        assert await moved.receive(timeout=10) == frame(0, 0)
-        await direct.close()
-        assert await moved.wait_closed(timeout=15) == 1012
-        await moved.close()
-        await eventually(first, "sds_ownership_changes_total", '{reason="handed_over"}', 1)
+        await hand_over_to_the_forwarder(first, second, "doc")
         async with StoreClient(second.ws_url, "doc", second.token("doc")) as again:
             assert await again.receive(timeout=10) == frame(0, 0)
             row = await owner_of(database_url, "doc")
@@ -159,19 +120,7 @@ async def test_sigterm_hands_stores_over_with_one_reconnect(
     tmp_path: Path, database_url: str
 ) -> None:
     with pg_servers(tmp_path, database_url, 2) as (owner, other):
-        direct = StoreClient(owner.ws_url, "roll", owner.token("roll", sub="d"))
-        await direct.connect()
-        via = StoreClient(other.ws_url, "roll", other.token("roll", sub="v"))
-        await via.connect()
-        for n in range(50):
-            await direct.send(frame(0, n))
-        for n in range(50):
-            assert await via.receive(timeout=10) == frame(0, n)
-        owner.send_signal(signal.SIGTERM)
-        assert await direct.wait_closed(timeout=15) == 1001
-        assert await via.wait_closed(timeout=15) == 1001
-        await direct.close()
-        await via.close()
+        assert await sigterm_the_owner(owner, other, "roll") == [1001, 1001]
         async with StoreClient(other.ws_url, "roll", other.token("roll")) as again:
             assert await again.receive_all(window=1.0) == [frame(0, n) for n in range(50)]
         assert owner.wait(15) == 0

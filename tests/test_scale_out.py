@@ -20,7 +20,7 @@ import pytest
 from sds.client import StoreClient
 from sds.cluster import cluster_status
 from sds.pg_ownership import database_status
-from tests.cluster import Cluster, ReconnectingPeer, running_cluster
+from tests.cluster import Cluster, ReconnectingPeer
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def indexes(store_id: str, frames: list[bytes]) -> list[int]:
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     """Three processes sharing a persist dir (SQLite store files)."""
-    with running_cluster(tmp_path) as running:
+    with Cluster(tmp_path) as running:
         yield running
 
 
@@ -52,7 +52,7 @@ def any_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Clus
     ownership too, with nothing else shared (standing in for three machines)."""
     url = request.getfixturevalue("database_url") if request.param != "sqlite" else None
     machines = request.param == "postgresql-machines"
-    with running_cluster(tmp_path, database_url=url, database_ownership=machines) as running:
+    with Cluster(tmp_path, database_url=url, database_ownership=machines) as running:
         yield running
 
 
@@ -132,7 +132,10 @@ async def joiner_patches(cluster: Cluster, store_id: str) -> list[int]:
 
 
 async def check_nothing_lost(cluster: Cluster, traffic: Traffic) -> None:
-    """Every store's fresh joiner gets every patch any peer saw, in order, exactly once."""
+    """Stop writing and let the last frames land; then every store's fresh joiner gets
+    every patch any peer saw, in order, exactly once."""
+    await traffic.stop_writing()
+    await asyncio.sleep(0.5)
     joined = await asyncio.gather(*(joiner_patches(cluster, s) for s in traffic.stores))
     for store_id, got in zip(traffic.stores, joined, strict=True):
         assert got == sorted(set(got)), f"{store_id}: out of order or repeated: {got}"
@@ -160,12 +163,46 @@ def forwarded_open(cluster: Cluster, index: int) -> float:
     return float(match.group(1))
 
 
+async def kill_and_bring_back(cluster: Cluster, traffic: Traffic, victim: int) -> None:
+    """SIGKILL ``victim`` under traffic, wait until its stores are served elsewhere,
+    restart it and wait until HAProxy routes to it again."""
+    await traffic.wait_all_seen_beyond(dict.fromkeys(traffic.stores, 3))
+    cluster.sigkill(victim)
+    await cluster.wait_proxy_sees_async(victim, up=False)
+    await traffic.wait_all_seen_beyond(dict(traffic.sent))
+    await asyncio.to_thread(cluster.restart, victim)
+    await cluster.wait_proxy_sees_async(victim, up=True)
+
+
+async def routes_of(cluster: Cluster, stores: list[str]) -> dict[str, str]:
+    """The URL of the process HAProxy routes each store's clients to."""
+    return await asyncio.to_thread(
+        lambda: {s: cluster.processes[cluster.routed_to(f"/ws/{s}")].http_url for s in stores}
+    )
+
+
+async def wait_served_where_routed(cluster: Cluster, routes: dict[str, str]) -> None:
+    """Within 10 s every store is owned by the process HAProxy routes it to, and no
+    process holds a forwarded connection (no permanent extra hop)."""
+    back_at = time.monotonic()
+    while True:
+        held = owners(cluster)
+        wrong = {s: held.get(s) for s in routes if held.get(s) != routes[s]}
+        if not wrong or time.monotonic() - back_at > 10:
+            break
+        await asyncio.sleep(0.2)
+    assert not wrong, f"not served where HAProxy routes them within 10 s: {wrong}"
+    async with asyncio.timeout(10):
+        while any(forwarded_open(cluster, i) for i in range(len(cluster.processes))):
+            await asyncio.sleep(0.2)
+
+
 @pytest.mark.parametrize("ownership", ["persist-dir", "database"])
 async def test_never_split_with_round_robin_every_client_of_a_store_gets_every_frame(
     tmp_path: Path, request: pytest.FixtureRequest, ownership: str
 ) -> None:
     url = request.getfixturevalue("database_url") if ownership == "database" else None
-    with running_cluster(
+    with Cluster(
         tmp_path, balance="roundrobin", database_url=url, database_ownership=url is not None
     ) as cluster:
         store_id = "shared-doc"
@@ -210,8 +247,6 @@ async def test_failover_after_sigkill_every_store_is_served_again_and_nothing_se
         # Served again: every store's listener gets patches written after the kill.
         await traffic.wait_all_seen_beyond(marks)
         served_again_after = time.monotonic() - killed_at
-        await traffic.stop_writing()
-        await asyncio.sleep(0.5)
         await check_nothing_lost(cluster, traffic)
     assert served_again_after < 15
     moved = [s for s in stores if routed[s] == victim]
@@ -229,38 +264,16 @@ async def test_failback_stores_return_to_the_process_the_proxy_routes_them_to(
     stores = [f"doc-{i:02d}" for i in range(STORES)]
     victim = 1
     async with Traffic(cluster, stores) as traffic:
-        await traffic.wait_all_seen_beyond(dict.fromkeys(stores, 3))
-        cluster.sigkill(victim)
-        await cluster.wait_proxy_sees_async(victim, up=False)
-        await traffic.wait_all_seen_beyond(dict(traffic.sent))
-        await asyncio.to_thread(cluster.restart, victim)
-        await cluster.wait_proxy_sees_async(victim, up=True)
+        await kill_and_bring_back(cluster, traffic, victim)
         # Back in the ring: a new client of every store is served at its first connect
         # (forwarded where the interim owner still has clients), and sees every patch.
-        await traffic.stop_writing()
-        await asyncio.sleep(0.5)
         await check_nothing_lost(cluster, traffic)
-    routes = await asyncio.to_thread(
-        lambda: {s: cluster.processes[cluster.routed_to(f"/ws/{s}")].http_url for s in stores}
-    )
+    routes = await routes_of(cluster, stores)
     victim_url = cluster.processes[victim].http_url
     assert victim_url in routes.values()
     async with Traffic(cluster, stores, first=10**5) as again:
-        back_at = time.monotonic()
-        while True:
-            held = owners(cluster)
-            wrong = {s: held.get(s) for s in stores if held.get(s) != routes[s]}
-            if not wrong or time.monotonic() - back_at > 10:
-                break
-            await asyncio.sleep(0.2)
-        assert not wrong, f"not served where HAProxy routes them within 10 s: {wrong}"
-        # No permanent extra hop: every client is served directly by its store's owner.
-        async with asyncio.timeout(10):
-            while [forwarded_open(cluster, i) for i in range(3)] != [0, 0, 0]:
-                await asyncio.sleep(0.2)
+        await wait_served_where_routed(cluster, routes)
         await again.wait_all_seen_beyond(dict(again.sent))
-        await again.stop_writing()
-        await asyncio.sleep(0.5)
         await check_nothing_lost(cluster, again)
         # No 503 loop: a client needed at most one reconnect (a handover's 1012).
         for peer in (*again.writers.values(), *again.listeners.values()):
@@ -276,15 +289,8 @@ async def test_failback_a_new_client_brings_each_store_back_with_its_old_clients
     stores = [f"doc-{i:02d}" for i in range(STORES)]
     victim = 2
     async with Traffic(cluster, stores) as traffic:
-        await traffic.wait_all_seen_beyond(dict.fromkeys(stores, 3))
-        cluster.sigkill(victim)
-        await cluster.wait_proxy_sees_async(victim, up=False)
-        await traffic.wait_all_seen_beyond(dict(traffic.sent))
-        await asyncio.to_thread(cluster.restart, victim)
-        await cluster.wait_proxy_sees_async(victim, up=True)
-        routes = await asyncio.to_thread(
-            lambda: {s: cluster.processes[cluster.routed_to(f"/ws/{s}")].http_url for s in stores}
-        )
+        await kill_and_bring_back(cluster, traffic, victim)
+        routes = await routes_of(cluster, stores)
         victim_url = cluster.processes[victim].http_url
         assert victim_url in routes.values()
         newcomers = [
@@ -292,21 +298,9 @@ async def test_failback_a_new_client_brings_each_store_back_with_its_old_clients
             for s in stores
         ]
         try:
-            back_at = time.monotonic()
-            while True:
-                held = owners(cluster)
-                wrong = {s: held.get(s) for s in stores if held.get(s) != routes[s]}
-                if not wrong or time.monotonic() - back_at > 10:
-                    break
-                await asyncio.sleep(0.2)
-            assert not wrong, f"not served where HAProxy routes them within 10 s: {wrong}"
-            # No permanent extra hop, and the stores still relay to their old clients.
-            async with asyncio.timeout(10):
-                while [forwarded_open(cluster, i) for i in range(3)] != [0, 0, 0]:
-                    await asyncio.sleep(0.2)
+            await wait_served_where_routed(cluster, routes)
+            # The stores still relay to their old clients.
             await traffic.wait_all_seen_beyond(dict(traffic.sent))
-            await traffic.stop_writing()
-            await asyncio.sleep(0.5)
             await check_nothing_lost(cluster, traffic)
         finally:
             await asyncio.gather(*(peer.stop() for peer in newcomers))
@@ -326,8 +320,6 @@ async def test_sigterm_hands_stores_to_the_others_with_one_reconnect_and_nothing
         await traffic.wait_all_seen_beyond(dict.fromkeys(stores, 3))
         assert await asyncio.to_thread(cluster.sigterm, victim) == 0
         await traffic.wait_all_seen_beyond(dict(traffic.sent))
-        await traffic.stop_writing()
-        await asyncio.sleep(0.5)
         await check_nothing_lost(cluster, traffic)
         for store_id in stores:
             for peer in (traffic.writers[store_id], traffic.listeners[store_id]):
@@ -356,6 +348,4 @@ async def test_hung_process_resumed_serves_again_and_nothing_seen_is_lost(
         cluster.sigcont(victim)
         await cluster.wait_proxy_sees_async(victim, up=True)
         await traffic.wait_all_seen_beyond(marks, timeout=30)
-        await traffic.stop_writing()
-        await asyncio.sleep(0.5)
         await check_nothing_lost(cluster, traffic)

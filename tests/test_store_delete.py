@@ -67,10 +67,7 @@ async def test_delete_is_refused_while_the_server_holds_the_store(
     server = await make_server(persist=True)
     directory = server.config.persist_dir
     assert directory is not None
-    writer = await server.connect("held")
-    reader = await server.connect("held", "read")
-    await writer.send(b"\x01kept")
-    assert await reader.receive(timeout=5) == b"\x01kept"
+    await server.hold("held", b"\x01kept")
     before = db_digests(directory)
     result = await run_sds_async(
         "store", "delete", "held", "--yes", env=clean_env(SDS_PERSIST_DIR=str(directory))

@@ -28,6 +28,14 @@ def big_value(size: int) -> bytes:
     return b"".join(struct.pack(">I", i) + block[4:] for i in range(-(-size // MiB)))[:size]
 
 
+async def raw_reader(server: RunningServer, store_id: str, *, sub: str) -> RawWebSocket:
+    """A read-scope client of ``store_id`` on a raw socket: it reads only when told to."""
+    token = server.token(store_id, scope="read", sub=sub)
+    return await asyncio.to_thread(
+        RawWebSocket.connect, server.server.port or 0, f"/ws/{store_id}?token={token}"
+    )
+
+
 async def store_value(server: RunningServer, store_id: str, k: bytes, value: bytes) -> None:
     """Store a value the way a client does (VALUE_CHUNK frames), and wait until it is committed."""
     assert server.config.persist_dir is not None
@@ -75,10 +83,7 @@ async def test_flood_of_requests_gets_one_answer_paced_by_the_socket(
     await store_value(server, "flood", key(2), value)
     peer = await server.connect("flood", sub="peer")
 
-    token = server.token("flood", scope="read", sub="flooder")
-    raw = await asyncio.to_thread(
-        RawWebSocket.connect, server.server.port or 0, f"/ws/flood?token={token}"
-    )
+    raw = await raw_reader(server, "flood", sub="flooder")
     try:
         for _ in range(200):
             await asyncio.to_thread(raw.send_binary, b"\x03" + key(2))
@@ -111,10 +116,7 @@ async def test_answer_stops_when_the_requester_leaves(make_server: ServerFactory
     server = await make_server(persist=True, max_client_buffer_bytes=2 * MiB)
     metrics = server.app[METRICS]
     await store_value(server, "leaver", key(3), big_value(20 * MiB))
-    token = server.token("leaver", scope="read", sub="leaver")
-    raw = await asyncio.to_thread(
-        RawWebSocket.connect, server.server.port or 0, f"/ws/leaver?token={token}"
-    )
+    raw = await raw_reader(server, "leaver", sub="leaver")
     await asyncio.to_thread(raw.send_binary, b"\x03" + key(3))
     for n in range(4, 8):  # keys waiting behind the answer
         await asyncio.to_thread(raw.send_binary, b"\x03" + key(n))
@@ -131,10 +133,7 @@ async def test_requests_beyond_the_queue_bound_are_counted_not_answered(
 ) -> None:
     metrics = persistent_server.app[METRICS]
     await store_value(persistent_server, "many", key(1), big_value(30 * MiB))
-    token = persistent_server.token("many", scope="read", sub="many")
-    raw = await asyncio.to_thread(
-        RawWebSocket.connect, persistent_server.server.port or 0, f"/ws/many?token={token}"
-    )
+    raw = await raw_reader(persistent_server, "many", sub="many")
     try:
         await asyncio.to_thread(raw.send_binary, b"\x03" + key(1))
         await wait_for(lambda: metrics.value_answers_active == 1)
@@ -151,10 +150,7 @@ async def test_answer_survives_a_compaction_through_the_server(make_server: Serv
     server = await make_server(persist=True, max_client_buffer_bytes=2 * MiB)
     value = big_value(20 * MiB + 7)
     await store_value(server, "compacted", key(4), value)
-    token = server.token("compacted", scope="read", sub="slow")
-    raw = await asyncio.to_thread(
-        RawWebSocket.connect, server.server.port or 0, f"/ws/compacted?token={token}"
-    )
+    raw = await raw_reader(server, "compacted", sub="slow")
     try:
         await asyncio.to_thread(raw.send_binary, b"\x03" + key(4))
         await wait_for(lambda: server.app[METRICS].value_answers_active == 1)
@@ -175,10 +171,7 @@ async def test_value_overwritten_during_its_answer_is_not_mixed(make_server: Ser
     server = await make_server(persist=True, max_client_buffer_bytes=2 * MiB)
     metrics = server.app[METRICS]
     await store_value(server, "overwritten", key(5), big_value(20 * MiB))
-    token = server.token("overwritten", scope="read", sub="slow")
-    raw = await asyncio.to_thread(
-        RawWebSocket.connect, server.server.port or 0, f"/ws/overwritten?token={token}"
-    )
+    raw = await raw_reader(server, "overwritten", sub="slow")
     try:
         await asyncio.to_thread(raw.send_binary, b"\x03" + key(5))
         await wait_for(lambda: metrics.value_answers_active == 1)

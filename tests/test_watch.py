@@ -5,12 +5,23 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import subprocess
 
 from sds.cli.watch import describe_frame, watch_url
 from tests.conftest import RunningServer
 from tests.helpers import SDS, SUBPROCESS_TIMEOUT, clean_env, one_error_line, run_sds_async
 
 LINE_TIMEOUT = 10.0
+
+
+async def watch_with_a_read_token(
+    server: RunningServer, store_id: str, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """``sds watch store_id --token <read token> *args`` to its end (bounded)."""
+    token = server.token(store_id, "read")
+    return await asyncio.wait_for(
+        run_sds_async("watch", store_id, "--token", token, *args), SUBPROCESS_TIMEOUT
+    )
 
 
 def test_describe_frame_names_the_type_and_shows_presence() -> None:
@@ -69,23 +80,8 @@ async def test_watch_prints_each_frame_live_as_json(server: RunningServer) -> No
 
 async def test_watch_human_output_shows_type_and_size(persistent_server: RunningServer) -> None:
     server = persistent_server
-    writer = await server.connect("h", sub="writer")
-    peer = await server.connect("h", "read")
-    await writer.send(b"\x01" + b"x" * 9)
-    await peer.receive(timeout=5)
-    result = await asyncio.wait_for(
-        run_sds_async(
-            "watch",
-            "h",
-            "--token",
-            server.token("h", "read"),
-            "--url",
-            server.ws_url,
-            "--count",
-            "1",
-        ),
-        SUBPROCESS_TIMEOUT,
-    )
+    await server.hold("h", b"\x01" + b"x" * 9)
+    result = await watch_with_a_read_token(server, "h", "--url", server.ws_url, "--count", "1")
     assert result.returncode == 0, result.stderr
     assert "PATCH" in result.stdout and "10 B" in result.stdout
 
@@ -120,25 +116,9 @@ async def test_watch_until_idle_ends_with_exit_0_on_a_quiet_store(
     persistent_server: RunningServer,
 ) -> None:
     server = persistent_server
-    writer = await server.connect("quiet", sub="writer")
-    peer = await server.connect("quiet", "read")
-    await writer.send(b"\x01one")
-    await peer.receive(timeout=5)
-    result = await asyncio.wait_for(
-        run_sds_async(
-            "watch",
-            "quiet",
-            "--token",
-            server.token("quiet", "read"),
-            "--url",
-            server.http_url,
-            "--count",
-            "5",
-            "--until-idle",
-            "0.5",
-            "--json",
-        ),
-        SUBPROCESS_TIMEOUT,
+    await server.hold("quiet", b"\x01one")
+    result = await watch_with_a_read_token(
+        server, "quiet", "--url", server.http_url, "--count", "5", "--until-idle", "0.5", "--json"
     )
     assert result.returncode == 0, result.stderr
     assert [json.loads(line)["type"] for line in result.stdout.splitlines()] == ["PATCH"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any
 
 import click
 
-from sds.cli.options import config_from, fail, print_table, setting_options
+from sds.cli.options import config_from, fail, print_json, print_table, setting_options
 from sds.cli.store import DATABASE_SETTINGS, human_bytes, json_option, persist_dir_of
 
 BACKUP_DIR_ENV = "SDS_BACKUP_DIR"
@@ -84,7 +83,7 @@ def backup(
         return
     manifest = result.manifest
     if as_json:
-        click.echo(json.dumps(result.as_json(), indent=2))
+        print_json(result.as_json())
     else:
         size = human_bytes(result.archive.stat().st_size)
         stores = sum(len(entry.store_ids) for entry in manifest.files)
@@ -117,9 +116,7 @@ def backup_verify(archive: Path, as_json: bool) -> None:
         fail(f"{archive.name}: {exc}")
         return
     if as_json:
-        click.echo(
-            json.dumps({"archive": str(archive), "ok": True, **manifest.as_json()}, indent=2)
-        )
+        print_json({"archive": str(archive), "ok": True, **manifest.as_json()})
         return
     _print_manifest(manifest, f"{archive.name}: ok (created {manifest.created})")
 
@@ -188,7 +185,7 @@ def restore(
             fail(str(exc))
             return
         if as_json:
-            click.echo(json.dumps(into_db.as_json(), indent=2))
+            print_json(into_db.as_json())
             return
         click.echo(
             f"restored {len(into_db.store_ids)} stores into PostgreSQL at {into_db.database}"
@@ -211,7 +208,7 @@ def restore(
         fail(str(exc))
         return
     if as_json:
-        click.echo(json.dumps(result.as_json(), indent=2))
+        print_json(result.as_json())
         return
     if not result.files:
         click.echo(f"nothing to restore: all {len(result.kept)} store file(s) exist in {directory}")

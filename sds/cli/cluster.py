@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from sds.cli.options import ConfigFailure, config_from, fail, print_table, setting_options
+from sds.cli.options import (
+    ConfigFailure,
+    config_from,
+    fail,
+    print_json,
+    print_table,
+    setting_options,
+)
 from sds.cli.store import json_option
 
 if TYPE_CHECKING:
@@ -71,7 +77,7 @@ def cluster_status_command(as_json: bool, **options: Any) -> None:
 def _show(status: ClusterStatus, as_json: bool) -> None:
     where = status.persist_dir
     if as_json:
-        click.echo(json.dumps(status.as_json(), indent=2))
+        print_json(status.as_json())
     else:
         rows = [
             (

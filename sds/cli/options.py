@@ -6,6 +6,7 @@ the command line and in the environment gives the same one-line error (exit 2).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -58,6 +59,11 @@ def stdout_console() -> Console:
 
 Column = str | tuple[str, str]
 """A column name, or ``(name, "left" | "right")``."""
+
+
+def print_json(data: Any) -> None:
+    """Print the ``--json`` output of a command: one indented JSON document on stdout."""
+    click.echo(json.dumps(data, indent=2))
 
 
 def print_table(

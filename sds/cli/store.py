@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from sds.cli.options import (
     ConfigFailure,
     config_from,
     fail,
+    print_json,
     print_table,
     setting_options,
 )
@@ -101,7 +102,7 @@ def store_list(as_json: bool, **options: Any) -> None:
 
     if as_json:
         payload = {"persist_dir": str(directory), "sqlite_version": SQLITE_VERSION}
-        click.echo(json.dumps({**payload, "files": reports}, indent=2))
+        print_json({**payload, "files": reports})
     else:
         _print_reports(reports, f"{directory} (SQLite {SQLITE_VERSION})")
     if problems:
@@ -141,11 +142,38 @@ def store_inspect(target: str, as_json: bool, **options: Any) -> None:
     if store_id is not None and store_id not in [s.store_id for s in report.stores]:
         fail(f"unknown store {store_id!r}: {path.name} has no rows for it")
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        print_json(data)
     else:
         _print_reports([data], str(path))
     if report.integrity != "ok":
         fail(f"{path.name} failed the integrity check: {report.integrity}")
+
+
+_STORE_COLUMNS = [
+    ("store id", "left"),
+    ("patches", "right"),
+    ("clocks", "right"),
+    ("patch bytes", "right"),
+    ("snapshot", "right"),
+]
+"""The columns of one store's figures in ``store list / inspect`` (files or a database)."""
+
+
+def _store_cells(figures: dict[str, Any]) -> list[str]:
+    """The ``_STORE_COLUMNS`` cells of one store's figures (a StoreFigures as a dict)."""
+    clocks = f"{figures['first_clock']}..{figures['last_clock']}" if figures["patches"] else "-"
+    snapshot = (
+        f"@{figures['snapshot_clock']} ({human_bytes(figures['snapshot_bytes'])})"
+        if figures["snapshot_clock"] is not None
+        else "-"
+    )
+    return [
+        figures["store_id"],
+        str(figures["patches"]),
+        clocks,
+        human_bytes(figures["patch_bytes"]),
+        snapshot,
+    ]
 
 
 def _print_reports(reports: list[dict[str, Any]], title: str) -> None:
@@ -153,11 +181,7 @@ def _print_reports(reports: list[dict[str, Any]], title: str) -> None:
 
     columns = [
         ("file", "left"),
-        ("store id", "left"),
-        ("patches", "right"),
-        ("clocks", "right"),
-        ("patch bytes", "right"),
-        ("snapshot", "right"),
+        *_STORE_COLUMNS,
         ("blobs", "right"),
         ("file bytes", "right"),
         ("last write", "left"),
@@ -182,23 +206,7 @@ def _print_reports(reports: list[dict[str, Any]], title: str) -> None:
             if figures is None:
                 store_cells = ["(empty)", "0", "-", "-", "-"]
             else:
-                clocks = (
-                    f"{figures['first_clock']}..{figures['last_clock']}"
-                    if figures["patches"]
-                    else "-"
-                )
-                snapshot = (
-                    f"@{figures['snapshot_clock']} ({human_bytes(figures['snapshot_bytes'])})"
-                    if figures["snapshot_clock"] is not None
-                    else "-"
-                )
-                store_cells = [
-                    figures["store_id"],
-                    str(figures["patches"]),
-                    clocks,
-                    human_bytes(figures["patch_bytes"]),
-                    snapshot,
-                ]
+                store_cells = _store_cells(figures)
             first = index == 0
             rows.append(
                 [
@@ -316,7 +324,7 @@ def store_compact(
             return
         results.append(result.as_json())
     if as_json:
-        click.echo(json.dumps({"results": results}, indent=2))
+        print_json({"results": results})
     else:
         _print_compaction(results)
 
@@ -332,34 +340,16 @@ def _database_report(url: str, store_id: str | None, as_json: bool) -> None:
         fail(str(exc))
         return
     if as_json:
-        click.echo(json.dumps(report.as_json(), indent=2))
+        print_json(report.as_json())
         return
-    columns = [
-        ("store id", "left"),
-        ("patches", "right"),
-        ("clocks", "right"),
-        ("patch bytes", "right"),
-        ("snapshot", "right"),
-        ("blobs", "right"),
+    columns = [*_STORE_COLUMNS, ("blobs", "right")]
+    rows = [
+        [
+            *_store_cells(asdict(figures)),
+            f"{figures.blobs} ({human_bytes(figures.blob_bytes)})",
+        ]
+        for figures in report.stores
     ]
-    rows: list[list[str]] = []
-    for figures in report.stores:
-        clocks = f"{figures.first_clock}..{figures.last_clock}" if figures.patches else "-"
-        snapshot = (
-            f"@{figures.snapshot_clock} ({human_bytes(figures.snapshot_bytes)})"
-            if figures.snapshot_clock is not None
-            else "-"
-        )
-        rows.append(
-            [
-                figures.store_id,
-                str(figures.patches),
-                clocks,
-                human_bytes(figures.patch_bytes),
-                snapshot,
-                f"{figures.blobs} ({human_bytes(figures.blob_bytes)})",
-            ]
-        )
     title = f"PostgreSQL {report.server_version} at {report.database}"
     print_table(columns, rows, title=title)
 
@@ -374,7 +364,7 @@ def _compact_database(url: str, store_id: str | None, value_mode: str, as_json: 
         fail(str(exc))
         return
     if as_json:
-        click.echo(json.dumps({"results": results}, indent=2))
+        print_json({"results": results})
     else:
         _print_compaction(results)
 
@@ -463,6 +453,6 @@ def store_delete(target: str, yes: bool, as_json: bool, **options: Any) -> None:
         fail(str(exc))
         return
     if as_json:
-        click.echo(json.dumps(result.as_json(), indent=2))
+        print_json(result.as_json())
     else:
         click.echo(f"deleted {', '.join(result.deleted)}")
