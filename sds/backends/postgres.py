@@ -35,10 +35,10 @@ import asyncpg
 
 from sds.backends import base
 from sds.backends.base import (
-    GATHER_TURNS,
     BlobChanged,
     Commit,
     CompactionFailed,
+    GroupCommitter,
     PatchRun,
     StorageError,
     UnknownStore,
@@ -335,19 +335,17 @@ class PgHistory:
         return [row[0] for row in rows]
 
 
-class PgStore:
+class PgStore(GroupCommitter):
     """One open store: its users, its commit queue and its clock."""
 
     def __init__(self, storage: PgStorage, store_id: str) -> None:
+        super().__init__()
         self.storage = storage
         self.store_id = store_id
         self.users = 0
         self.close_handle: asyncio.TimerHandle | None = None
         self.clock: int | None = None
         """The last committed clock, once read; None means "read it before the next commit"."""
-        self._next: Commit | None = None
-        self._writing = 0
-        self._committer: asyncio.Task[None] | None = None
         self._io = asyncio.Lock()
 
     @property
@@ -355,50 +353,10 @@ class PgStore:
         """Held by each commit (and maintenance): a read that takes it sees no commit half-relayed."""
         return self._io
 
-    def queued_writes(self) -> int:
-        return self._writing + (self._next.size if self._next is not None else 0)
-
     def append_patch(self, payload: bytearray | memoryview) -> Commit:
         commit = self._next or self._begin()
         commit.add_patch(self.store_id, payload)
         return commit
-
-    def submit(self, write: Write) -> Commit:
-        commit = self._next or self._begin()
-        commit.add(write)
-        return commit
-
-    def _begin(self) -> Commit:
-        commit = self._next = Commit(asyncio.get_running_loop())
-        if self._committer is None:
-            self._committer = asyncio.create_task(self._commit_loop())
-        return commit
-
-    async def _commit_loop(self) -> None:
-        try:
-            while self._next is not None:
-                commit = self._next
-                for _ in range(GATHER_TURNS):
-                    size = commit.size
-                    await asyncio.sleep(0)
-                    if commit.size == size:
-                        break
-                self._next = None
-                try:
-                    await self._commit(commit)
-                finally:
-                    if commit.ok is None:  # an unexpected error: nothing of it is relayed
-                        commit.ok = False
-                    commit.done.set_result(None)
-        finally:
-            self._committer = None
-
-    async def finish(self) -> None:
-        """Wait for the commits already queued (close and shutdown)."""
-        committer = self._committer
-        if committer is not None:
-            with contextlib.suppress(Exception):
-                await committer
 
     async def _commit(self, commit: Commit) -> None:
         storage = self.storage

@@ -46,10 +46,10 @@ import aiosqlite
 from sds.backends import base
 from sds.backends.base import (
     ALL_CLOCKS,
-    GATHER_TURNS,
     BlobChanged,
     Commit,
     CompactionFailed,
+    GroupCommitter,
     PatchRun,
     StorageError,
     StoreBusy,
@@ -446,10 +446,11 @@ def store_values(conn: sqlite3.Connection, store_id: str) -> Iterator[tuple[str,
     yield from ((str(h), bytes(d)) for h, d in rows)
 
 
-class StoreFile:
+class StoreFile(GroupCommitter):
     """One open SQLite file; its writes are committed in groups, in the order submitted."""
 
     def __init__(self, path: Path, *, sync: str, metrics: Metrics) -> None:
+        super().__init__()
         self.path = path
         self.sync = sync
         self.metrics = metrics
@@ -459,9 +460,6 @@ class StoreFile:
         self._db: Any = None
         self._lock_fd: int | None = None
         self._clocks: dict[str, int] = {}
-        self._next: Commit | None = None
-        self._writing = 0
-        self._committer: asyncio.Task[None] | None = None
         self._io = asyncio.Lock()
         self._blob_readers: set[BlobReader] = set()
         self.previous_holder: LockRecord | None = None
@@ -508,10 +506,7 @@ class StoreFile:
 
     async def close(self) -> None:
         """Finish pending commits and close the file (and its lock)."""
-        if self._committer is not None:
-            # Shielded: a cancelled close (shutdown draining tasks) must not cancel a commit.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._committer)
+        await self.finish()
         if self._db is not None:
             db, self._db = self._db, None
             with contextlib.suppress(sqlite3.Error, ValueError):
@@ -536,50 +531,6 @@ class StoreFile:
         commit = self._next or self._begin()
         commit.add_patch(store_id, payload)
         return commit
-
-    def queued_writes(self) -> int:
-        """Writes waiting for their commit: the one being written and the next."""
-        return self._writing + (self._next.size if self._next is not None else 0)
-
-    def submit(self, write: Write) -> Commit:
-        """Queue a blob or snapshot write for the next group commit, which is returned."""
-        commit = self._next or self._begin()
-        commit.add(write)
-        return commit
-
-    def _begin(self) -> Commit:
-        commit = self._next = Commit(asyncio.get_running_loop())
-        if self._committer is None:
-            self._committer = asyncio.create_task(self._commit_loop())
-        return commit
-
-    async def _commit_loop(self) -> None:
-        try:
-            while self._next is not None:
-                await self._gather(self._next)
-                commit, self._next = self._next, None
-                try:
-                    await self._commit(commit)
-                finally:
-                    if commit.ok is None:  # an unexpected error: nothing of it is relayed
-                        commit.ok = False
-                    commit.done.set_result(None)
-        finally:
-            self._committer = None
-
-    @staticmethod
-    async def _gather(commit: Commit) -> None:
-        """Let the event loop read what already arrived, so one commit takes all of it.
-
-        Each turn costs microseconds; under load it adds the frames of every socket
-        read in that turn to the group, and fewer, larger commits cost less per frame.
-        When a turn brings no new write, the commit starts at once.
-        """
-        for _ in range(GATHER_TURNS):
-            size = commit.size
-            await asyncio.sleep(0)
-            if commit.size == size:
-                return
 
     async def _commit(self, commit: Commit) -> None:
         started = time.perf_counter()
