@@ -40,7 +40,6 @@ class StorageHealth:
         self.metrics = metrics
         self.interval = interval
         self.probe_ok_at = float("-inf")
-        self.probe_failed_at = float("-inf")
         self.probe_problem: str | None = None
         self._probing: asyncio.Task[None] | None = None
         self._last_probe = float("-inf")
@@ -55,7 +54,9 @@ class StorageHealth:
         problems = []
         if self.metrics.commit_failed_at > last_ok:
             problems.append(WRITE_FAILED)
-        if self.probe_failed_at > last_ok and self.probe_problem:
+        # Only a later probe clears a probe's failure: a commit into a file that is
+        # already open says nothing about the persist dir (it may be gone or full).
+        if self.probe_problem:
             problems.append(self.probe_problem)
         return problems
 
@@ -70,7 +71,6 @@ class StorageHealth:
             if self.probe_problem is None:
                 log.error("health probe failed in %s: %s", self.directory, exc)
             self.probe_problem = problem
-            self.probe_failed_at = time.monotonic()
         else:
             if self.probe_problem is not None:
                 log.warning("health probe succeeded again in %s", self.directory)
