@@ -128,31 +128,6 @@ async def test_concurrent_writers_get_gap_free_clocks_in_relay_order(
     assert [b"\x01" + data for _, data in stored] == received
 
 
-async def test_joiners_during_a_stream_get_every_patch_exactly_once_in_order(
-    pg_server: RunningServer,
-) -> None:
-    writer = await pg_server.connect("stream")
-    total = 2000
-    joiners: list[StoreClient] = []
-
-    async def write() -> None:
-        for n in range(total):
-            await writer.send(patch(n))
-            if n % 50 == 0:
-                await asyncio.sleep(0)
-
-    async def join_while_writing() -> None:
-        for _ in range(4):
-            await asyncio.sleep(0.05)
-            joiners.append(await pg_server.connect("stream", scope="read"))
-
-    await asyncio.gather(write(), join_while_writing())
-    expected = [patch(n) for n in range(total)]
-    for joiner in joiners:
-        assert await receive_count(joiner, total) == expected
-        assert await joiner.receive_all(0.2) == []
-
-
 async def test_catch_up_pages_are_bounded_in_bytes_and_seamless(
     pg_server: RunningServer,
 ) -> None:

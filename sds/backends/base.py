@@ -322,7 +322,8 @@ async def joiner_pages(
             yield [(PATCH_PREFIX, data) for data in rows]
 
 
-async def _no_budget(_size: int) -> None:
+async def no_budget(_size: int) -> None:
+    """A catch-up reservation that never waits (maintenance reads, not joiners)."""
     return None
 
 
@@ -333,7 +334,7 @@ async def joiner_digests(source: HistorySource, *, page_bytes: int = 4 << 20) ->
     history need not fit in memory twice).
     """
     digests = []
-    pages = joiner_pages(source, ALL_CLOCKS, page_bytes=page_bytes, reserve=_no_budget)
+    pages = joiner_pages(source, ALL_CLOCKS, page_bytes=page_bytes, reserve=no_budget)
     async for page in pages:
         for prefix, data in page:
             digest = hashlib.sha256(prefix)

@@ -57,6 +57,7 @@ from sds.backends.base import (
     Write,
     joiner_digests,
     joiner_pages,
+    no_budget,
     patch_payload,
     run_without_suspending,
 )
@@ -797,7 +798,7 @@ def joiner_frames(conn: sqlite3.Connection, store_id: str) -> list[bytes]:
 
     async def collect() -> list[bytes]:
         source = SqliteHistory.of_connection(conn, store_id)
-        pages = joiner_pages(source, ALL_CLOCKS, page_bytes=4 << 20, reserve=_no_reserve)
+        pages = joiner_pages(source, ALL_CLOCKS, page_bytes=4 << 20, reserve=no_budget)
         return [prefix + bytes(data) async for page in pages for prefix, data in page]
 
     return run_without_suspending(collect())
@@ -806,10 +807,6 @@ def joiner_frames(conn: sqlite3.Connection, store_id: str) -> list[bytes]:
 def joiner_view_digests(conn: sqlite3.Connection, store_id: str) -> list[bytes]:
     """``base.joiner_digests`` of a store in this file (compaction's before/after check)."""
     return run_without_suspending(joiner_digests(SqliteHistory.of_connection(conn, store_id)))
-
-
-async def _no_reserve(_size: int) -> None:
-    return None
 
 
 class StoreLog:
