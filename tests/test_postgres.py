@@ -13,8 +13,10 @@ import aiohttp
 import asyncpg
 import pytest
 
+from sds.backends.postgres import PgStorage
 from sds.client import StoreClient
 from sds.config import Config, ConfigError, load_config, redacted_url
+from sds.metrics import Metrics
 from sds.protocol import value_chunk_frames
 from tests.conftest import RunningServer, ServerFactory, start_pg_cluster
 from tests.helpers import (
@@ -449,6 +451,44 @@ async def test_back_to_back_patches_share_group_commits(
     # Each commit is one statement; frames read while one runs form the next one.
     assert commits < len(frames) // 4, commits
     assert [c for c, _ in await stored_patches(database_url, "grouped")] == list(range(1, 2001))
+
+
+async def test_a_group_commit_is_one_round_trip_and_releasing_sends_nothing(
+    pg_server: RunningServer, database_url: str
+) -> None:
+    writer = await pg_server.connect("one-trip")
+    reader = await pg_server.connect("one-trip", scope="read")
+    for n in range(5):
+        await writer.send(patch(n))
+        assert await reader.receive() == patch(n)
+    # What each of the server's connections ran last: a release that reset the session
+    # (asyncpg's default) would be one more statement, and round trip, per commit.
+    last = [
+        query
+        for (query,) in await rows(
+            database_url,
+            "SELECT query FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+        )
+    ]
+    assert any("INSERT INTO patches" in query for query in last), last
+    assert not any("RESET ALL" in query or "unlock_all" in query for query in last), last
+
+
+async def test_a_connection_released_inside_a_transaction_is_rolled_back(
+    database_url: str,
+) -> None:
+    storage = PgStorage(database_url, pool_size=1, metrics=Metrics())
+    await storage.start()
+    try:
+        async with storage.connection() as conn:
+            await conn.execute("BEGIN")
+            await conn.execute("CREATE TABLE left_open (n int)")
+        async with storage.connection() as conn:
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT to_regclass('left_open')") is None
+    finally:
+        await storage.close()
 
 
 async def test_a_second_server_writing_the_same_store_never_duplicates_a_clock(

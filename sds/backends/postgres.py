@@ -281,6 +281,19 @@ def describe(url: str) -> str:
     return f"{host}:{port}/{database}"
 
 
+async def keep_session(_conn: Any) -> None:
+    """What a pooled connection needs on release beyond asyncpg's own rollback: nothing.
+
+    asyncpg rolls back a transaction left open before it calls this; its default
+    reset (``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``) is one
+    more round trip per release, on every group commit's path. The pool's users
+    leave no session state to reset: each runs single statements or a transaction
+    (no ``SET``, no ``LISTEN``, no cursors or advisory locks outside a transaction;
+    the session advisory locks of ``sds.pg_ownership`` live on its own connection).
+    """
+    return None
+
+
 class PgHistory:
     """A store's history in the database (``base.HistorySource``).
 
@@ -573,6 +586,7 @@ class PgStorage:
                 timeout=CONNECT_TIMEOUT,
                 command_timeout=COMMAND_TIMEOUT,
                 max_inactive_connection_lifetime=60.0,
+                reset=keep_session,
             )
             conn = await self._pool.acquire(timeout=CONNECT_TIMEOUT)
         except (*DB_ERRORS, ValueError) as exc:
