@@ -126,6 +126,10 @@ class PgCluster:
             )
         return result
 
+    def socket_url(self, database: str = "postgres") -> str:
+        """A URL through the cluster's Unix socket (local logins need no password)."""
+        return f"postgresql://{PG_USER}@/{database}?host={self.socket_dir}&port={self.port}"
+
     def url(self, database: str = "postgres", *, password: str | None = None) -> str:
         secret = self.password if password is None else password
         return f"postgresql://{PG_USER}:{secret}@{self.host}:{self.port}/{database}"

@@ -475,6 +475,28 @@ async def test_a_group_commit_is_one_round_trip_and_releasing_sends_nothing(
     assert not any("RESET ALL" in query or "unlock_all" in query for query in last), last
 
 
+async def test_a_database_on_the_same_machine_is_reached_through_its_unix_socket(
+    make_server: ServerFactory, pg_cluster: PgCluster
+) -> None:
+    name = pg_cluster.create_database()
+    url = pg_cluster.socket_url(name)
+    try:
+        server = await make_server(database_url=url)
+        writer = await server.connect("local")
+        reader = await server.connect("local")
+        await writer.send(patch(1))
+        assert await reader.receive() == patch(1)
+        assert await stored_patches(url, "local") == [(1, patch(1)[1:])]
+        connected = await rows(
+            url,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND client_port = -1",
+        )
+        assert connected[0][0] >= 1  # the server's connections came through the socket
+    finally:
+        pg_cluster.finished.append(name)
+
+
 async def test_a_connection_released_inside_a_transaction_is_rolled_back(
     database_url: str,
 ) -> None:
