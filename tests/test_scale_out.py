@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from sds.client import StoreClient
@@ -124,11 +125,26 @@ class Traffic:
                 await asyncio.sleep(0.1)
 
 
+JOIN_ATTEMPTS = 10
+
+
 async def joiner_patches(cluster: Cluster, store_id: str) -> list[int]:
-    """What a fresh client of ``store_id`` receives through HAProxy on joining (catch-up)."""
+    """What a fresh client of ``store_id`` receives through HAProxy on joining (catch-up).
+
+    A 502/503 answer to the upgrade ("try again", e.g. while HAProxy has not yet
+    noticed a stopped process, on a loaded machine) is retried, as clients do, a
+    bounded number of times; any other refusal fails the test at once.
+    """
     token = cluster.token(store_id, scope="read")
-    async with StoreClient(cluster.ws_url, store_id, token, bearer=True) as c:
-        return indexes(store_id, await c.receive_all(window=1.0))
+    for attempt in range(JOIN_ATTEMPTS):
+        try:
+            async with StoreClient(cluster.ws_url, store_id, token, bearer=True) as c:
+                return indexes(store_id, await c.receive_all(window=1.0))
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status not in (502, 503) or attempt == JOIN_ATTEMPTS - 1:
+                raise
+            await asyncio.sleep(0.5)
+    raise AssertionError("unreachable")
 
 
 async def check_nothing_lost(cluster: Cluster, traffic: Traffic) -> None:
