@@ -71,7 +71,8 @@ def run_mode(
         extra = f"--persist-dir {persist_dir}"
     elif mode.startswith("pg"):
         assert cluster is not None
-        pin_cluster(cluster, "0" if mode == "pg-pinned" else "0-1")
+        every_cpu = f"0-{(os.cpu_count() or 1) - 1}"
+        pin_cluster(cluster, "0" if mode == "pg-pinned" else every_cpu)
         database = cluster.create_database()
         url = cluster.socket_url(database) if mode == "pg-socket" else cluster.url(database)
         env["SDS_DATABASE_URL"] = url

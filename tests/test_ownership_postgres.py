@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +170,9 @@ async def test_server_cut_off_from_the_database_stops_serving_and_takes_nothing_
             assert metric(cut, "sds_forwarded_connections_opened_total") >= 1
 
 
-async def test_a_commit_after_another_server_took_the_store_is_refused(database_url: str) -> None:
+@asynccontextmanager
+async def fenced_store_log(database_url: str, store_id: str) -> AsyncIterator[Any]:
+    """A store opened by storage whose commits are fenced on a lease this test took."""
     from sds.backends.postgres import PgStorage
     from sds.backends.sqlite import LockRecord
     from sds.metrics import Metrics
@@ -182,19 +184,35 @@ async def test_a_commit_after_another_server_took_the_store_is_refused(database_
     await locks.start()
     try:
         record = LockRecord(pid=1, instance="0123456789abcdef", url="http://127.0.0.1:9")
-        lease, _previous = await locks.take(("ws", "fenced"), record, 1.0)
-        storage.fence = lambda store_id: locks.fence(lease)
-        store_log = await storage.acquire("fenced")
+        lease, _previous = await locks.take(("ws", store_id), record, 1.0)
+        storage.fence = lambda _store_id: locks.fence(lease)
+        store_log = await storage.acquire(store_id)
+        try:
+            yield store_log
+        finally:
+            storage.release(store_log)
+    finally:
+        locks.close()
+        await storage.close()
+
+
+async def take_over(conn: Any, store_id: str) -> None:
+    """What another server's takeover does to the lease row: its instance, a newer epoch."""
+    await conn.execute(
+        "UPDATE sds_owners SET epoch = epoch + 1, instance = 'fedcba9876543210'"
+        " WHERE lock_key = 'ws:' || $1",
+        store_id,
+    )
+
+
+async def test_a_commit_after_another_server_took_the_store_is_refused(database_url: str) -> None:
+    async with fenced_store_log(database_url, "fenced") as store_log:
         first = store_log.append_patch(b"\x01first")
         await first.done
         assert first.ok is True
-        # Another server owns the store now: its lease has a newer epoch.
         conn = await asyncpg.connect(database_url)
         try:
-            await conn.execute(
-                "UPDATE sds_owners SET epoch = epoch + 1, instance = 'fedcba9876543210'"
-                " WHERE lock_key = 'ws:fenced'"
-            )
+            await take_over(conn, "fenced")
             late = store_log.append_patch(b"\x01late")
             await late.done
             assert late.ok is False
@@ -202,40 +220,19 @@ async def test_a_commit_after_another_server_took_the_store_is_refused(database_
             assert [bytes(row["data"]) for row in stored] == [b"first"]
         finally:
             await conn.close()
-        storage.release(store_log)
-    finally:
-        locks.close()
-        await storage.close()
 
 
 async def test_a_value_commit_after_another_server_took_the_store_writes_nothing(
     database_url: str,
 ) -> None:
-    from sds.backends.postgres import PgStorage
-    from sds.backends.sqlite import LockRecord
-    from sds.metrics import Metrics
-    from sds.pg_ownership import PgLocks
-
-    storage = PgStorage(database_url, metrics=Metrics())
-    await storage.start()
-    locks = PgLocks(database_url)
-    await locks.start()
-    try:
-        record = LockRecord(pid=1, instance="0123456789abcdef", url="http://127.0.0.1:9")
-        lease, _previous = await locks.take(("ws", "fenced-value"), record, 1.0)
-        storage.fence = lambda store_id: locks.fence(lease)
-        store_log = await storage.acquire("fenced-value")
+    async with fenced_store_log(database_url, "fenced-value") as store_log:
         store_log.append_patch(b"\x01before")
         first = store_log.put_blob("a" * 64, b"first value")
         await first.done
         assert first.ok is True
         conn = await asyncpg.connect(database_url)
         try:
-            # A takeover: the lease row names another server with a newer epoch.
-            await conn.execute(
-                "UPDATE sds_owners SET epoch = epoch + 1, instance = 'fedcba9876543210'"
-                " WHERE lock_key = 'ws:fenced-value'"
-            )
+            await take_over(conn, "fenced-value")
             store_log.append_patch(b"\x01late")
             late = store_log.put_blob("b" * 64, b"late value")
             overwrite = store_log.put_blob("a" * 64, b"overwritten")
@@ -251,10 +248,6 @@ async def test_a_value_commit_after_another_server_took_the_store_writes_nothing
             ]
         finally:
             await conn.close()
-        storage.release(store_log)
-    finally:
-        locks.close()
-        await storage.close()
 
 
 async def test_database_outage_ends_the_ownership_and_serving_resumes_with_nothing_lost(
